@@ -1,0 +1,211 @@
+//! `sidecar demo`: an embedded demo app with a real sidecar in front of it, so a newcomer
+//! sees the proxy, the access log and the metrics working in a minute.
+//!
+//! The demo app runs on a thread and runtime of its own, as a separate process would; the
+//! sidecar in front of it is the same `app::run` that `sidecar run` uses, with a config made
+//! from the YAML below (printed, so it doubles as an example).
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::{SinkExt, StreamExt};
+use http::{HeaderValue, Request, Response, StatusCode, header};
+use http_body_util::{BodyExt, Full, combinators::BoxBody};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
+use tokio_tungstenite::tungstenite::protocol::Role;
+
+use crate::config::{self, Config};
+
+/// Addresses the demo uses; flags override them.
+pub struct DemoAddrs {
+    pub listen: SocketAddr,
+    pub admin: SocketAddr,
+    pub app: SocketAddr,
+}
+
+/// The demo's config, as a user would write it.
+pub fn config_text(addrs: &DemoAddrs) -> String {
+    format!(
+        "admin:
+  listen: {admin}
+app:
+  address: {app}
+  http: auto
+  health: {{ path: /healthz, interval: 1s, timeout: 1s }}
+inbound:
+  - name: web
+    listen: {listen}
+    protocol: http
+    request_timeout: 5s
+telemetry:
+  log_level: info
+  access_log: {{ enabled: true, format: json, path: stdout }}
+shutdown:
+  drain_timeout: 5s
+",
+        admin = addrs.admin,
+        app = addrs.app,
+        listen = addrs.listen,
+    )
+}
+
+/// Parses the demo config; it is generated here, so an error is a bug in this file.
+pub fn config(addrs: &DemoAddrs) -> Result<Config, config::ConfigError> {
+    config::parse(std::path::Path::new("<demo>"), &config_text(addrs))
+}
+
+/// Starts the demo app on its own thread. Returns once it is listening.
+pub fn start_app(addr: SocketAddr) -> std::io::Result<()> {
+    let listener = std::net::TcpListener::bind(addr)?;
+    listener.set_nonblocking(true)?;
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    std::thread::Builder::new()
+        .name("demo-app".into())
+        .spawn(move || runtime.block_on(serve_app(listener)))?;
+    Ok(())
+}
+
+/// What the demo prints on start.
+pub fn banner(addrs: &DemoAddrs) -> String {
+    let base = format!("http://{}", addrs.listen);
+    let admin = format!("http://{}", addrs.admin);
+    format!(
+        "
+Sidecar demo: a sidecar on {listen} in front of a demo app on {app}.
+
+Try these (the access log appears below, one JSON line per request):
+  curl -i {base}/
+  curl -i --http2-prior-knowledge {base}/
+  curl -i -X POST --data 'hello sidecar' {base}/echo
+  curl -i {base}/slow?ms=1500
+  curl -i {base}/status/503
+  curl -s {admin}/metrics | grep sidecar_inbound_requests_total
+  curl -s {admin}/ready
+  curl -s {admin}/config
+  python3 -m websockets ws://{listen}/ws     (WebSocket echo)
+
+Config in use:
+{config}
+Ctrl-C drains and exits.
+",
+        listen = addrs.listen,
+        app = addrs.app,
+        config = config_text(addrs)
+            .lines()
+            .map(|l| format!("  {l}\n"))
+            .collect::<String>(),
+    )
+}
+
+type AppBody = BoxBody<Bytes, hyper::Error>;
+
+async fn serve_app(listener: std::net::TcpListener) {
+    let Ok(listener) = tokio::net::TcpListener::from_std(listener) else {
+        return;
+    };
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
+        tokio::spawn(async move {
+            let svc = service_fn(|req| async move { Ok::<_, Infallible>(app(req).await) });
+            let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                .serve_connection_with_upgrades(TokioIo::new(stream), svc)
+                .await;
+        });
+    }
+}
+
+fn full(status: StatusCode, content_type: &'static str, body: impl Into<Bytes>) -> Response<AppBody> {
+    let mut r = Response::new(Full::new(body.into()).map_err(|never| match never {}).boxed());
+    *r.status_mut() = status;
+    r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    r
+}
+
+fn query_u64(req: &Request<Incoming>, key: &str) -> Option<u64> {
+    req.uri()
+        .query()?
+        .split('&')
+        .find_map(|kv| kv.strip_prefix(key)?.strip_prefix('=')?.parse().ok())
+}
+
+async fn app(mut req: Request<Incoming>) -> Response<AppBody> {
+    let path = req.uri().path().to_owned();
+    match path.as_str() {
+        "/" => {
+            let body = serde_json::json!({
+                "message": "hello from the demo app",
+                "method": req.method().as_str(),
+                "protocol": format!("{:?}", req.version()),
+                "forwarded_for": req.headers().get("x-forwarded-for").and_then(|v| v.to_str().ok()),
+                "forwarded_proto": req.headers().get("x-forwarded-proto").and_then(|v| v.to_str().ok()),
+            });
+            full(StatusCode::OK, "application/json", format!("{body}\n"))
+        }
+        "/healthz" => full(StatusCode::OK, "text/plain", "ok\n"),
+        "/slow" => {
+            let ms = query_u64(&req, "ms").unwrap_or(2000).min(60_000);
+            tokio::time::sleep(Duration::from_millis(ms)).await;
+            full(StatusCode::OK, "text/plain", format!("slept {ms} ms\n"))
+        }
+        "/echo" => {
+            // Streams the request body back as it arrives.
+            let content_type = req.headers().get(header::CONTENT_TYPE).cloned();
+            let mut r = Response::new(req.into_body().boxed());
+            if let Some(ct) = content_type {
+                r.headers_mut().insert(header::CONTENT_TYPE, ct);
+            }
+            r
+        }
+        "/ws" => websocket(&mut req),
+        p if p.starts_with("/status/") => {
+            let code = p["/status/".len()..].parse().ok().and_then(|c| StatusCode::from_u16(c).ok());
+            match code {
+                Some(c) => full(c, "text/plain", format!("{c}\n")),
+                None => full(StatusCode::BAD_REQUEST, "text/plain", "usage: /status/NNN\n"),
+            }
+        }
+        _ => full(
+            StatusCode::NOT_FOUND,
+            "text/plain",
+            "demo app: try /, /echo, /slow?ms=N, /status/N, /ws, /healthz\n",
+        ),
+    }
+}
+
+/// A WebSocket echo (RFC 6455): answers the handshake, then sends back every message.
+fn websocket(req: &mut Request<Incoming>) -> Response<AppBody> {
+    let Some(key) = req.headers().get("sec-websocket-key").cloned() else {
+        return full(StatusCode::BAD_REQUEST, "text/plain", "expected a WebSocket upgrade\n");
+    };
+    let upgrade = hyper::upgrade::on(req);
+    tokio::spawn(async move {
+        let Ok(upgraded) = upgrade.await else { return };
+        let ws = tokio_tungstenite::WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, None).await;
+        let (mut tx, mut rx) = ws.split();
+        while let Some(Ok(msg)) = rx.next().await {
+            if msg.is_text() || msg.is_binary() {
+                if tx.send(msg).await.is_err() {
+                    break;
+                }
+            } else if msg.is_close() {
+                break;
+            }
+        }
+    });
+    let mut r = full(StatusCode::SWITCHING_PROTOCOLS, "text/plain", Bytes::new());
+    let h = r.headers_mut();
+    h.remove(header::CONTENT_TYPE);
+    h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+    if let Ok(v) = HeaderValue::from_str(&derive_accept_key(key.as_bytes())) {
+        h.insert("sec-websocket-accept", v);
+    }
+    r
+}

@@ -1,0 +1,102 @@
+//! Watches the app's health and feeds readiness: an HTTP GET of `app.health.path` (2xx is
+//! healthy) or, without one, a TCP connect to `app.address`.
+//!
+//! The app is ready after one passing check and unready after `FAILURES_TO_UNREADY` failing
+//! ones in a row, so one slow GC pause does not pull the pod out of its Service.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::{Request, header};
+use http_body_util::Empty;
+use bytes::Bytes;
+use hyper_util::rt::TokioIo;
+use prometheus_client::metrics::gauge::Gauge;
+use tokio::net::TcpStream;
+use tokio::sync::watch;
+
+use crate::config::Config;
+use crate::drain::Readiness;
+
+/// Failed checks in a row that make a healthy app unready (what the issue and Kubernetes'
+/// own `failureThreshold` default ask for).
+const FAILURES_TO_UNREADY: u32 = 3;
+
+#[derive(Debug, thiserror::Error)]
+enum CheckError {
+    #[error("connect to app {addr}: {source}; is the app listening?")]
+    Connect { addr: std::net::SocketAddr, source: std::io::Error },
+    #[error("GET {path}: {source}")]
+    Http { path: String, source: hyper::Error },
+    #[error("GET {path} answered {status}")]
+    Status { path: String, status: http::StatusCode },
+    #[error("timed out after {0:?}")]
+    Timeout(Duration),
+}
+
+/// Runs until the config channel closes (the process is exiting).
+pub async fn run(mut config: watch::Receiver<Arc<Config>>, readiness: Arc<Readiness>, gauge: Gauge) {
+    let mut failures = 0u32;
+    let mut healthy = false;
+    loop {
+        let app = config.borrow_and_update().app.clone();
+        let (interval, timeout) = match &app.health {
+            Some(h) => (h.interval, h.timeout),
+            None => (app.tcp_check_interval, app.tcp_check_interval),
+        };
+        let result = match tokio::time::timeout(timeout, check(&app)).await {
+            Ok(r) => r,
+            Err(_) => Err(CheckError::Timeout(timeout)),
+        };
+        match result {
+            Ok(()) => {
+                if !healthy {
+                    tracing::info!(app = %app.address, "app is healthy");
+                }
+                failures = 0;
+                healthy = true;
+            }
+            Err(e) => {
+                failures += 1;
+                if healthy && failures >= FAILURES_TO_UNREADY {
+                    tracing::warn!(error = %e, failures, "app failed its health check; not ready");
+                    healthy = false;
+                } else {
+                    tracing::debug!(error = %e, failures, "app health check failed");
+                }
+            }
+        }
+        readiness.set_app_healthy(healthy);
+        gauge.set(healthy as i64);
+        tokio::select! {
+            _ = tokio::time::sleep(interval) => {}
+            changed = config.changed() => if changed.is_err() { return },
+        }
+    }
+}
+
+async fn check(app: &crate::config::AppConfig) -> Result<(), CheckError> {
+    let addr = app.address;
+    let stream = TcpStream::connect(addr).await.map_err(|source| CheckError::Connect { addr, source })?;
+    let Some(health) = &app.health else {
+        return Ok(());
+    };
+    let path = health.path.clone();
+    let http_err = |source| CheckError::Http { path: path.clone(), source };
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.map_err(http_err)?;
+    let conn_task = tokio::spawn(conn);
+    let req = Request::get(path.as_str())
+        .header(header::HOST, addr.to_string())
+        .header(header::USER_AGENT, "sidecar-health")
+        .header(header::CONNECTION, "close")
+        .body(Empty::<Bytes>::new())
+        .expect("a GET with a validated path is a valid request");
+    let resp = sender.send_request(req).await.map_err(http_err);
+    conn_task.abort();
+    let status = resp?.status();
+    if status.is_success() {
+        Ok(())
+    } else {
+        Err(CheckError::Status { path, status })
+    }
+}

@@ -1,0 +1,13 @@
+//! Sidecar: one small binary beside an application that takes TLS, metrics, logs,
+//! readiness, drain and outbound calls off it. `ARCHITECTURE.md` maps the modules.
+#![forbid(unsafe_code)]
+
+pub mod admin;
+pub mod app;
+pub mod config;
+pub mod demo;
+pub mod drain;
+pub mod health;
+pub mod inbound;
+pub mod proxy;
+pub mod telemetry;

@@ -1,0 +1,102 @@
+//! The `sidecar` command line: parse arguments, load the config, start logging, run.
+//! `anyhow` lives here and in `app`; everything below returns typed errors.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+
+use sidecar::app::{self, Exit};
+use sidecar::config::{self, LogFormat};
+use sidecar::demo;
+use sidecar::telemetry::logging;
+
+#[derive(Parser)]
+#[command(name = "sidecar", version, about = "One small, fast binary beside your app: TLS, metrics, logs, readiness, drain")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the sidecar.
+    Run {
+        /// The config file (YAML).
+        #[arg(short, long, env = "SIDECAR_CONFIG")]
+        config: PathBuf,
+    },
+    /// Validate a config file: print every problem, exit 1 if there is any.
+    Check {
+        #[arg(short, long, env = "SIDECAR_CONFIG")]
+        config: PathBuf,
+    },
+    /// A sidecar in front of an embedded demo app, with URLs and curl lines to try.
+    Demo {
+        /// Where the sidecar listens.
+        #[arg(long, default_value = "127.0.0.1:15006")]
+        listen: SocketAddr,
+        /// Where the admin server listens (/metrics, /ready, ...).
+        #[arg(long, default_value = "127.0.0.1:15000")]
+        admin: SocketAddr,
+        /// Where the demo app listens.
+        #[arg(long, default_value = "127.0.0.1:18080")]
+        app: SocketAddr,
+    },
+    /// Print the version, git commit and features.
+    Version,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Run { config } => run(config),
+        Command::Check { config } => return check(config),
+        Command::Demo { listen, admin, app } => run_demo(demo::DemoAddrs { listen, admin, app }),
+        Command::Version => {
+            println!(
+                "sidecar {} (commit {})\nfeatures: http1 http2 grpc websocket tcp admin metrics access-log hot-reload",
+                env!("CARGO_PKG_VERSION"),
+                env!("SIDECAR_GIT_COMMIT"),
+            );
+            Ok(Exit::Drained)
+        }
+    };
+    match result {
+        Ok(Exit::Drained) => ExitCode::SUCCESS,
+        Ok(Exit::Forced) => ExitCode::from(1),
+        Err(e) => {
+            eprintln!("sidecar: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn check(path: PathBuf) -> ExitCode {
+    match config::load(&path) {
+        Ok(_) => {
+            println!("{}: ok", path.display());
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("{e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn run(path: PathBuf) -> anyhow::Result<Exit> {
+    let config = config::load(&path)?;
+    let log = logging::init(&config.telemetry.log_level, config.telemetry.log_format)?;
+    app::run(config, Some(path), Some(log))
+}
+
+fn run_demo(addrs: demo::DemoAddrs) -> anyhow::Result<Exit> {
+    let config = demo::config(&addrs)?;
+    let log = logging::init(&config.telemetry.log_level, LogFormat::Text)?;
+    demo::start_app(addrs.app).with_context(|| format!("starting the demo app on {}", addrs.app))?;
+    eprintln!("{}", demo::banner(&addrs));
+    app::run(config, None, Some(log))
+}

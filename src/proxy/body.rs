@@ -1,0 +1,173 @@
+//! Body types of the proxy: the request body sent on to the app, and the response body sent
+//! back to the client, which also runs the request's end-of-life bookkeeping.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::task::{Context, Poll, ready};
+
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
+use hyper::body::Incoming;
+
+/// What the request path learns about a request body while hyper streams it to the app.
+#[derive(Debug, Default)]
+pub struct BodyStats {
+    pub bytes: AtomicU64,
+    pub done: AtomicBool,
+    pub errored: AtomicBool,
+}
+
+/// A client's request body on its way to the app. Streams frame by frame: hyper polls it
+/// only when the app's connection can take more, which is the backpressure that keeps a
+/// 1 GiB upload at a few buffers of memory.
+pub struct RequestBody {
+    inner: Incoming,
+    /// `None` for bodies that are empty from the start (most GETs): nothing to count.
+    stats: Option<Arc<BodyStats>>,
+}
+
+impl RequestBody {
+    pub fn new(inner: Incoming) -> (Self, Option<Arc<BodyStats>>) {
+        let stats = (!inner.is_end_stream()).then(Arc::default);
+        (
+            RequestBody {
+                inner,
+                stats: stats.clone(),
+            },
+            stats,
+        )
+    }
+}
+
+impl Body for RequestBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let this = &mut *self;
+        let res = ready!(Pin::new(&mut this.inner).poll_frame(cx));
+        if let Some(stats) = &this.stats {
+            match &res {
+                Some(Ok(frame)) => {
+                    if let Some(data) = frame.data_ref() {
+                        stats.bytes.fetch_add(data.len() as u64, Ordering::Relaxed);
+                    }
+                    if this.inner.is_end_stream() {
+                        stats.done.store(true, Ordering::Relaxed);
+                    }
+                }
+                Some(Err(_)) => stats.errored.store(true, Ordering::Relaxed),
+                None => stats.done.store(true, Ordering::Relaxed),
+            }
+        }
+        Poll::Ready(res)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// Called once when a response body has been sent whole (`complete`) or dropped early.
+pub trait OnEnd: Send + Unpin + 'static {
+    fn on_end(self, bytes_out: u64, complete: bool);
+}
+
+/// A response on its way to the client: the app's streamed body or a short local reply.
+pub struct ResponseBody<E: OnEnd> {
+    kind: Kind,
+    bytes_out: u64,
+    end: Option<E>,
+}
+
+enum Kind {
+    Stream(Incoming),
+    Full(Option<Bytes>),
+}
+
+impl<E: OnEnd> ResponseBody<E> {
+    pub fn stream(inner: Incoming, end: E) -> Self {
+        let mut b = ResponseBody {
+            kind: Kind::Stream(inner),
+            bytes_out: 0,
+            end: Some(end),
+        };
+        b.finish_if_empty();
+        b
+    }
+
+    pub fn full(data: Bytes, end: Option<E>) -> Self {
+        let mut b = ResponseBody {
+            kind: Kind::Full((!data.is_empty()).then_some(data)),
+            bytes_out: 0,
+            end,
+        };
+        b.finish_if_empty();
+        b
+    }
+
+    /// hyper never polls a body that says it is empty, so its bookkeeping runs now.
+    fn finish_if_empty(&mut self) {
+        if self.is_end_stream() {
+            self.finish(true);
+        }
+    }
+
+    fn finish(&mut self, complete: bool) {
+        if let Some(end) = self.end.take() {
+            end.on_end(self.bytes_out, complete);
+        }
+    }
+}
+
+impl<E: OnEnd> Body for ResponseBody<E> {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let this = &mut *self;
+        let res = match &mut this.kind {
+            Kind::Stream(inner) => ready!(Pin::new(inner).poll_frame(cx)),
+            Kind::Full(data) => data.take().map(|d| Ok(Frame::data(d))),
+        };
+        match &res {
+            Some(Ok(frame)) => {
+                if let Some(d) = frame.data_ref() {
+                    this.bytes_out += d.len() as u64;
+                }
+                if this.is_end_stream() {
+                    this.finish(true);
+                }
+            }
+            Some(Err(_)) => this.finish(false),
+            None => this.finish(true),
+        }
+        Poll::Ready(res)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match &self.kind {
+            Kind::Stream(inner) => inner.is_end_stream(),
+            Kind::Full(data) => data.is_none(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match &self.kind {
+            Kind::Stream(inner) => inner.size_hint(),
+            Kind::Full(data) => SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64)),
+        }
+    }
+}
+
+impl<E: OnEnd> Drop for ResponseBody<E> {
+    fn drop(&mut self) {
+        // The client went away, or hyper dropped the body after an error.
+        self.finish(false);
+    }
+}

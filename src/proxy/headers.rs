@@ -1,0 +1,220 @@
+//! Header rules for a proxy hop: hop-by-hop headers removed (RFC 9110 §7.6.1), forwarding
+//! headers added, and request targets rewritten between HTTP/1 and HTTP/2 forms.
+
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::uri::{Authority, PathAndQuery, Scheme, Uri};
+
+static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+pub static FORWARDED: HeaderName = HeaderName::from_static("forwarded");
+pub static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+pub static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+
+/// Removes the headers that describe one connection, not the message: those named in
+/// `Connection`, and the fixed list of RFC 9110 §7.6.1. `TE: trailers` survives because gRPC
+/// needs it end to end (and HTTP/2 allows exactly that value). With `upgrade` the
+/// `Connection: upgrade` / `Upgrade` pair is kept for the next hop.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
+    if headers.contains_key(header::CONNECTION) {
+        // Collected first: the names borrow from the map being edited. Connection headers
+        // are rare on the fast path (HTTP/1.1 clients rarely send one, HTTP/2 never).
+        let named: Vec<HeaderName> = headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+            .collect();
+        for name in named {
+            if !(upgrade && name == header::UPGRADE) {
+                headers.remove(&name);
+            }
+        }
+        if !upgrade {
+            headers.remove(header::CONNECTION);
+        }
+    }
+    headers.remove(&KEEP_ALIVE);
+    headers.remove(&PROXY_CONNECTION);
+    headers.remove(header::TRANSFER_ENCODING);
+    headers.remove(header::TRAILER);
+    if !upgrade {
+        headers.remove(header::UPGRADE);
+    }
+    if let Some(te) = headers.get(header::TE) {
+        if !te.as_bytes().eq_ignore_ascii_case(b"trailers") {
+            headers.remove(header::TE);
+        }
+    }
+}
+
+/// True for an HTTP/1.1 request asking to switch protocols (WebSocket): `Connection`
+/// lists `upgrade` and an `Upgrade` header names the protocol.
+pub fn wants_upgrade(headers: &HeaderMap) -> bool {
+    headers.contains_key(header::UPGRADE)
+        && headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
+}
+
+/// Forwarding header values for one client connection, computed once per connection.
+pub struct Forwarding {
+    for_value: HeaderValue,
+    forwarded_value: HeaderValue,
+    proto: HeaderValue,
+}
+
+impl Forwarding {
+    pub fn new(peer: std::net::IpAddr, tls: bool) -> Self {
+        let proto = if tls { "https" } else { "http" };
+        // RFC 7239 §6: IPv6 addresses are bracketed and the whole value quoted.
+        let node = match peer {
+            std::net::IpAddr::V4(ip) => ip.to_string(),
+            std::net::IpAddr::V6(ip) => format!("\"[{ip}]\""),
+        };
+        let to_value = |s: String| HeaderValue::from_str(&s).unwrap_or(HeaderValue::from_static("unknown"));
+        Forwarding {
+            for_value: to_value(peer.to_string()),
+            forwarded_value: to_value(format!("for={node};proto={proto}")),
+            proto: HeaderValue::from_static(proto),
+        }
+    }
+
+    /// Appends this hop to `X-Forwarded-For` and `Forwarded`, and sets `X-Forwarded-Proto`
+    /// to the scheme the client used here.
+    pub fn apply(&self, headers: &mut HeaderMap) {
+        append_list(headers, &X_FORWARDED_FOR, &self.for_value);
+        append_list(headers, &FORWARDED, &self.forwarded_value);
+        headers.insert(X_FORWARDED_PROTO.clone(), self.proto.clone());
+    }
+}
+
+/// Adds `value` to a comma-separated list header, folding earlier lines into one.
+fn append_list(headers: &mut HeaderMap, name: &HeaderName, value: &HeaderValue) {
+    match headers.entry(name) {
+        header::Entry::Vacant(v) => {
+            v.insert(value.clone());
+        }
+        header::Entry::Occupied(mut o) => {
+            let mut joined = Vec::with_capacity(64);
+            for v in o.iter() {
+                if !joined.is_empty() {
+                    joined.extend_from_slice(b", ");
+                }
+                joined.extend_from_slice(v.as_bytes());
+            }
+            joined.extend_from_slice(b", ");
+            joined.extend_from_slice(value.as_bytes());
+            if let Ok(v) = HeaderValue::from_bytes(&joined) {
+                o.insert(v);
+            }
+        }
+    }
+}
+
+/// Rewrites a request target for an HTTP/1.1 hop: origin-form (`/path?q`), with `Host`
+/// set from the HTTP/2 `:authority` when the client spoke HTTP/2.
+pub fn to_origin_form(uri: &mut Uri, headers: &mut HeaderMap) {
+    if let Some(auth) = uri.authority() {
+        if !headers.contains_key(header::HOST) {
+            if let Ok(v) = HeaderValue::from_str(auth.as_str()) {
+                headers.insert(header::HOST, v);
+            }
+        }
+    }
+    if uri.scheme().is_some() || uri.authority().is_some() {
+        let pq = uri.path_and_query().cloned().unwrap_or_else(|| PathAndQuery::from_static("/"));
+        *uri = Uri::from(pq);
+    }
+}
+
+/// Rewrites a request target for an HTTP/2 hop: absolute form, authority taken from `Host`
+/// (which HTTP/2 carries as `:authority` instead, RFC 9113 §8.3.1).
+pub fn to_absolute_form(uri: &mut Uri, headers: &mut HeaderMap, fallback_authority: &str) {
+    if uri.scheme().is_some() && uri.authority().is_some() {
+        headers.remove(header::HOST);
+        return;
+    }
+    let authority = headers
+        .remove(header::HOST)
+        .and_then(|h| Authority::try_from(h.as_bytes()).ok())
+        .or_else(|| Authority::try_from(fallback_authority).ok());
+    let mut parts = std::mem::take(uri).into_parts();
+    parts.scheme = Some(Scheme::HTTP);
+    parts.authority = authority;
+    if parts.path_and_query.is_none() {
+        parts.path_and_query = Some(PathAndQuery::from_static("/"));
+    }
+    if let Ok(u) = Uri::from_parts(parts) {
+        *uri = u;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn map(pairs: &[(&str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.append(HeaderName::from_bytes(k.as_bytes()).unwrap(), HeaderValue::from_str(v).unwrap());
+        }
+        h
+    }
+
+    #[test]
+    fn hop_by_hop_headers_go_and_named_ones_with_them() {
+        let mut h = map(&[
+            ("connection", "keep-alive, x-secret"),
+            ("keep-alive", "timeout=5"),
+            ("x-secret", "1"),
+            ("te", "gzip"),
+            ("upgrade", "foo"),
+            ("proxy-connection", "close"),
+            ("x-kept", "yes"),
+        ]);
+        strip_hop_by_hop(&mut h, false);
+        assert_eq!(h.len(), 1, "{h:?}");
+        assert!(h.contains_key("x-kept"));
+    }
+
+    #[test]
+    fn te_trailers_survives_for_grpc() {
+        let mut h = map(&[("te", "trailers")]);
+        strip_hop_by_hop(&mut h, false);
+        assert!(h.contains_key("te"));
+    }
+
+    #[test]
+    fn websocket_upgrade_keeps_its_pair() {
+        let mut h = map(&[("connection", "Upgrade"), ("upgrade", "websocket")]);
+        assert!(wants_upgrade(&h));
+        strip_hop_by_hop(&mut h, true);
+        assert_eq!(h.get("upgrade").unwrap(), "websocket");
+        assert_eq!(h.get("connection").unwrap(), "Upgrade");
+    }
+
+    #[test]
+    fn forwarding_appends() {
+        let mut h = map(&[("x-forwarded-for", "10.0.0.1")]);
+        Forwarding::new("::1".parse().unwrap(), false).apply(&mut h);
+        assert_eq!(h.get("x-forwarded-for").unwrap(), "10.0.0.1, ::1");
+        assert_eq!(h.get("forwarded").unwrap(), "for=\"[::1]\";proto=http");
+        assert_eq!(h.get("x-forwarded-proto").unwrap(), "http");
+    }
+
+    #[test]
+    fn target_forms() {
+        let mut uri: Uri = "http://example.com/a?b".parse().unwrap();
+        let mut h = HeaderMap::new();
+        to_origin_form(&mut uri, &mut h);
+        assert_eq!(uri, "/a?b");
+        assert_eq!(h.get("host").unwrap(), "example.com");
+        to_absolute_form(&mut uri, &mut h, "127.0.0.1:1");
+        assert_eq!(uri.to_string(), "http://example.com/a?b");
+        assert!(!h.contains_key("host"));
+    }
+}

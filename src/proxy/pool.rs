@@ -1,0 +1,257 @@
+//! Connections to one upstream address (the app), HTTP/1.1 pooled and HTTP/2 shared.
+//!
+//! HTTP/1.1: a lock-free queue of idle connections. A request takes one, and the response
+//! body hands it back when it ends (`PooledH1::release`). A connection the app closed while
+//! idle is noticed either before sending (`ready` fails) or by hyper refusing the request
+//! unsent; then the request goes out on a fresh connection, so an app's keep-alive timeout
+//! racing a request is not a 502. HTTP/2: one multiplexed connection, replaced when it closes.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwapOption;
+use crossbeam_queue::ArrayQueue;
+use http::{Request, Response};
+use hyper::body::Incoming;
+use hyper::client::conn::{http1, http2};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::net::TcpStream;
+
+use super::body::RequestBody;
+
+/// Idle HTTP/1.1 connections kept per upstream. Enough for the 64–256 concurrent clients of
+/// a busy pod; beyond it, connections are closed after use rather than hoarded.
+const MAX_IDLE: usize = 256;
+/// Idle connections older than this are closed instead of reused: below the 60 s or more
+/// most servers keep idle keep-alive connections, so we rarely reuse one mid-close.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(50);
+
+#[derive(Debug, thiserror::Error)]
+pub enum PoolError {
+    #[error("connect to {addr}: {source}")]
+    Connect { addr: SocketAddr, source: std::io::Error },
+    #[error("connect to {addr}: timed out after {after:?}")]
+    ConnectTimeout { addr: SocketAddr, after: Duration },
+    #[error("handshake with {addr}: {source}")]
+    Handshake { addr: SocketAddr, source: hyper::Error },
+    #[error("request to {addr}: {source}")]
+    Send { addr: SocketAddr, source: hyper::Error },
+}
+
+impl PoolError {
+    /// A short, stable name for logs and the access log's `error` field.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            PoolError::Connect { source, .. } if source.kind() == std::io::ErrorKind::ConnectionRefused => {
+                "app_connection_refused"
+            }
+            PoolError::Connect { .. } | PoolError::Handshake { .. } => "app_connect_error",
+            PoolError::ConnectTimeout { .. } => "app_connect_timeout",
+            PoolError::Send { .. } => "app_reset",
+        }
+    }
+}
+
+/// Which protocol to speak to the upstream for one request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Proto {
+    Http1,
+    Http2,
+}
+
+struct Idle {
+    conn: http1::SendRequest<RequestBody>,
+    since: Instant,
+}
+
+pub struct Pool {
+    addr: SocketAddr,
+    connect_timeout: Duration,
+    idle: Arc<ArrayQueue<Idle>>,
+    h2: ArcSwapOption<http2::SendRequest<RequestBody>>,
+    /// Single-flight for HTTP/2 connects: a burst of requests opens one connection, not many.
+    h2_connect: tokio::sync::Mutex<()>,
+}
+
+/// An HTTP/1.1 connection lent to one request; `release` returns it for reuse.
+pub struct PooledH1 {
+    conn: http1::SendRequest<RequestBody>,
+    idle: Arc<ArrayQueue<Idle>>,
+}
+
+impl PooledH1 {
+    /// Gives the connection back. Call only once the response body was read to its end and
+    /// the request body was sent whole; otherwise just drop it, and hyper closes it.
+    pub fn release(self) {
+        if !self.conn.is_closed() {
+            let _ = self.idle.push(Idle {
+                conn: self.conn,
+                since: Instant::now(),
+            });
+        }
+    }
+}
+
+impl Pool {
+    pub fn new(addr: SocketAddr, connect_timeout: Duration) -> Self {
+        Pool {
+            addr,
+            connect_timeout,
+            idle: Arc::new(ArrayQueue::new(MAX_IDLE)),
+            h2: ArcSwapOption::empty(),
+            h2_connect: tokio::sync::Mutex::new(()),
+        }
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Sends `req` and returns the response head; for HTTP/1.1 also the connection, to be
+    /// released when the response body ends.
+    pub async fn send(
+        &self,
+        req: Request<RequestBody>,
+        proto: Proto,
+    ) -> Result<(Response<Incoming>, Option<PooledH1>), PoolError> {
+        match proto {
+            Proto::Http1 => self.send_h1(req).await.map(|(r, c)| (r, Some(c))),
+            Proto::Http2 => self.send_h2(req).await.map(|r| (r, None)),
+        }
+    }
+
+    async fn send_h1(&self, mut req: Request<RequestBody>) -> Result<(Response<Incoming>, PooledH1), PoolError> {
+        loop {
+            let (mut conn, reused) = match self.take_idle().await {
+                Some(c) => (c, true),
+                None => (self.connect_h1().await?, false),
+            };
+            match conn.try_send_request(req).await {
+                Ok(resp) => {
+                    return Ok((
+                        resp,
+                        PooledH1 {
+                            conn,
+                            idle: self.idle.clone(),
+                        },
+                    ));
+                }
+                Err(mut e) => match e.take_message() {
+                    // Never written: the pooled connection died under us. Fresh ones are
+                    // not retried, so this loop ends.
+                    Some(back) if reused => req = back,
+                    _ => {
+                        return Err(PoolError::Send {
+                            addr: self.addr,
+                            source: e.into_error(),
+                        });
+                    }
+                },
+            }
+        }
+    }
+
+    /// An idle connection that can take a request now, skipping closed and stale ones.
+    async fn take_idle(&self) -> Option<http1::SendRequest<RequestBody>> {
+        while let Some(mut idle) = self.idle.pop() {
+            if idle.since.elapsed() > IDLE_TIMEOUT || idle.conn.is_closed() {
+                continue;
+            }
+            // Ready at once, or within a poll of the connection task finishing the last
+            // response; an error means the app closed it.
+            if idle.conn.ready().await.is_ok() {
+                return Some(idle.conn);
+            }
+        }
+        None
+    }
+
+    async fn connect(&self) -> Result<TokioIo<TcpStream>, PoolError> {
+        let addr = self.addr;
+        let stream = match tokio::time::timeout(self.connect_timeout, TcpStream::connect(addr)).await {
+            Ok(Ok(s)) => s,
+            Ok(Err(source)) => return Err(PoolError::Connect { addr, source }),
+            Err(_) => {
+                return Err(PoolError::ConnectTimeout {
+                    addr,
+                    after: self.connect_timeout,
+                });
+            }
+        };
+        // Requests are small writes that must leave now, not wait for Nagle.
+        let _ = stream.set_nodelay(true);
+        Ok(TokioIo::new(stream))
+    }
+
+    async fn connect_h1(&self) -> Result<http1::SendRequest<RequestBody>, PoolError> {
+        let io = self.connect().await?;
+        let (sender, conn) = http1::Builder::new()
+            .handshake(io)
+            .await
+            .map_err(|source| PoolError::Handshake { addr: self.addr, source })?;
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(error = %e, "app connection ended");
+            }
+        });
+        Ok(sender)
+    }
+
+    /// A dedicated HTTP/1.1 connection that may switch protocols (WebSocket); never pooled.
+    pub async fn send_upgrade(&self, req: Request<RequestBody>) -> Result<Response<Incoming>, PoolError> {
+        let io = self.connect().await?;
+        let (mut sender, conn) = http1::Builder::new()
+            .handshake(io)
+            .await
+            .map_err(|source| PoolError::Handshake { addr: self.addr, source })?;
+        tokio::spawn(async move {
+            if let Err(e) = conn.with_upgrades().await {
+                tracing::debug!(error = %e, "app upgrade connection ended");
+            }
+        });
+        sender
+            .send_request(req)
+            .await
+            .map_err(|source| PoolError::Send { addr: self.addr, source })
+    }
+
+    async fn send_h2(&self, req: Request<RequestBody>) -> Result<Response<Incoming>, PoolError> {
+        let mut sender = self.h2_sender().await?;
+        sender
+            .send_request(req)
+            .await
+            .map_err(|source| PoolError::Send { addr: self.addr, source })
+    }
+
+    async fn h2_sender(&self) -> Result<http2::SendRequest<RequestBody>, PoolError> {
+        if let Some(s) = self.h2.load().as_deref() {
+            if !s.is_closed() {
+                return Ok(s.clone());
+            }
+        }
+        let _one = self.h2_connect.lock().await;
+        // Someone else may have connected while we waited.
+        if let Some(s) = self.h2.load().as_deref() {
+            if !s.is_closed() {
+                return Ok(s.clone());
+            }
+        }
+        let io = self.connect().await?;
+        let (sender, conn) = http2::Builder::new(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            // Notice a dead app connection within ~40 s even when no request is in flight.
+            .keep_alive_interval(Duration::from_secs(30))
+            .keep_alive_timeout(Duration::from_secs(10))
+            .handshake(io)
+            .await
+            .map_err(|source| PoolError::Handshake { addr: self.addr, source })?;
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(error = %e, "app h2 connection ended");
+            }
+        });
+        self.h2.store(Some(Arc::new(sender.clone())));
+        Ok(sender)
+    }
+}

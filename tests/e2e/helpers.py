@@ -1,0 +1,709 @@
+"""Shared helpers for Sidecar's process-level tests: ports, configs, the sidecar process, the
+test apps, and small clients (http.client, curl, raw sockets, h2) with bounded waits.
+
+Everything here talks to 127.0.0.0/8 only, and every wait has a deadline.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+from prometheus_client.parser import text_string_to_metric_families
+
+HERE = Path(__file__).resolve().parent
+APPS = HERE / "apps"
+REPO_ROOT = HERE.parents[1]
+SIDECAR_BIN = Path(os.environ.get("SIDECAR_BIN", REPO_ROOT / "target" / "release" / "sidecar"))
+LOCALHOST = "127.0.0.1"
+
+# Proxies from the environment must never carry test traffic (curl, grpcio and websockets all
+# honour them).
+for _var in ("http_proxy", "https_proxy", "all_proxy", "grpc_proxy", "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY"):
+    os.environ.pop(_var, None)
+os.environ["NO_PROXY"] = os.environ["no_proxy"] = "*"
+
+
+# --------------------------------------------------------------------------------------------
+# ports and waiting
+# --------------------------------------------------------------------------------------------
+_handed_out: set[int] = set()
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free now and not handed out before in this session."""
+    for _ in range(200):
+        with socket.socket() as s:
+            s.bind((LOCALHOST, 0))
+            port = s.getsockname()[1]
+        if port not in _handed_out:
+            _handed_out.add(port)
+            return port
+    raise RuntimeError("no free port")
+
+
+def port_is_free(port: int) -> bool:
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((LOCALHOST, port))
+            return True
+        except OSError:
+            return False
+
+
+def wait_until(pred, timeout: float, interval: float = 0.05, what: str = "condition"):
+    """Polls pred() until it returns a truthy value; returns that value or raises on timeout."""
+    deadline = time.monotonic() + timeout
+    last_exc = None
+    while True:
+        try:
+            v = pred()
+            if v:
+                return v
+        except Exception as e:  # noqa: BLE001 - the predicate may fail until the condition holds
+            last_exc = e
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}" + (f" (last error: {last_exc!r})" if last_exc else ""))
+        time.sleep(interval)
+
+
+# --------------------------------------------------------------------------------------------
+# plain HTTP client (stdlib http.client)
+# --------------------------------------------------------------------------------------------
+@dataclass
+class Resp:
+    status: int
+    headers: list  # [(name, value)] as received
+    body: bytes
+
+    def header(self, name: str, default=None):
+        for k, v in self.headers:
+            if k.lower() == name.lower():
+                return v
+        return default
+
+    def json(self):
+        return json.loads(self.body)
+
+
+def http_request(port, path="/", method="GET", body=None, headers=None, timeout=10.0, host=LOCALHOST) -> Resp:
+    conn = http.client.HTTPConnection(host, port, timeout=timeout)
+    try:
+        conn.request(method, path, body=body, headers=headers or {})
+        r = conn.getresponse()
+        return Resp(r.status, r.getheaders(), r.read())
+    finally:
+        conn.close()
+
+
+# --------------------------------------------------------------------------------------------
+# curl
+# --------------------------------------------------------------------------------------------
+@dataclass
+class CurlResult:
+    returncode: int
+    status: int
+    body: bytes
+    headers: dict  # lower-case name -> last value, from the final response block
+    raw_headers: str  # every header block curl saw (100 Continue included)
+    info: dict  # curl's -w '%{json}'
+    stderr: str
+
+
+def curl(*args, timeout=30.0, input=None) -> CurlResult:
+    """Runs curl for one URL; body and headers go to temp files, -w '%{json}' to stdout."""
+    with tempfile.TemporaryDirectory() as d:
+        body_f, head_f = Path(d) / "body", Path(d) / "head"
+        cmd = ["curl", "-sS", "--noproxy", "*", "-o", str(body_f), "-D", str(head_f), "-w", "%{json}", *map(str, args)]
+        p = subprocess.run(cmd, capture_output=True, timeout=timeout, input=input)
+        raw = head_f.read_text(errors="replace") if head_f.exists() else ""
+        body = body_f.read_bytes() if body_f.exists() else b""
+    try:
+        info = json.loads(p.stdout.decode() or "{}")
+    except json.JSONDecodeError:
+        info = {}
+    blocks = [b for b in raw.replace("\r\n", "\n").split("\n\n") if b.strip()]
+    headers = {}
+    if blocks:
+        for line in blocks[-1].split("\n")[1:]:
+            if ":" in line:
+                k, v = line.split(":", 1)
+                headers[k.strip().lower()] = v.strip()
+    return CurlResult(p.returncode, int(info.get("http_code") or 0), body, headers, raw, info, p.stderr.decode(errors="replace"))
+
+
+# --------------------------------------------------------------------------------------------
+# raw sockets (HTTP/1 hostile cases, keep-alive checks)
+# --------------------------------------------------------------------------------------------
+@dataclass
+class RawResponse:
+    status: int
+    reason: str
+    headers: list
+    body: bytes
+
+    def header(self, name, default=None):
+        for k, v in self.headers:
+            if k.lower() == name.lower():
+                return v
+        return default
+
+
+class ConnectionClosed(Exception):
+    pass
+
+
+class RawConn:
+    """One TCP connection with a read buffer and an HTTP/1.1 response reader."""
+
+    def __init__(self, port, timeout=10.0, host=LOCALHOST):
+        self.sock = socket.create_connection((host, port), timeout=timeout)
+        self.buf = b""
+
+    def send(self, data: bytes):
+        self.sock.sendall(data)
+
+    def _fill(self):
+        data = self.sock.recv(65536)
+        if not data:
+            raise ConnectionClosed("peer closed the connection")
+        self.buf += data
+
+    def _read_until(self, sep: bytes) -> bytes:
+        while sep not in self.buf:
+            self._fill()
+        i = self.buf.index(sep) + len(sep)
+        out, self.buf = self.buf[:i], self.buf[i:]
+        return out
+
+    def _read_exact(self, n: int) -> bytes:
+        while len(self.buf) < n:
+            self._fill()
+        out, self.buf = self.buf[:n], self.buf[n:]
+        return out
+
+    def read_head(self) -> RawResponse:
+        head = self._read_until(b"\r\n\r\n").decode("latin-1")
+        lines = head.split("\r\n")
+        parts = lines[0].split(" ", 2)
+        status = int(parts[1])
+        headers = []
+        for line in lines[1:]:
+            if ":" in line:
+                k, v = line.split(":", 1)
+                headers.append((k.strip(), v.strip()))
+        return RawResponse(status, parts[2] if len(parts) > 2 else "", headers, b"")
+
+    def read_response(self, method="GET", skip_interim=True) -> RawResponse:
+        while True:
+            r = self.read_head()
+            if not (skip_interim and 100 <= r.status < 200):
+                break
+        if method == "HEAD" or r.status in (204, 304):
+            return r
+        te = (r.header("Transfer-Encoding") or "").lower()
+        if "chunked" in te:
+            body = b""
+            while True:
+                size = int(self._read_until(b"\r\n").split(b";")[0].strip(), 16)
+                if size == 0:
+                    while self._read_until(b"\r\n") != b"\r\n":
+                        pass
+                    break
+                body += self._read_exact(size)
+                self._read_exact(2)
+            r.body = body
+        elif r.header("Content-Length") is not None:
+            r.body = self._read_exact(int(r.header("Content-Length")))
+        else:
+            chunks = [self.buf]
+            self.buf = b""
+            while True:
+                d = self.sock.recv(65536)
+                if not d:
+                    break
+                chunks.append(d)
+            r.body = b"".join(chunks)
+        return r
+
+    def request(self, path="/", method="GET", headers=(), body=b"") -> RawResponse:
+        lines = [f"{method} {path} HTTP/1.1", "Host: e2e.test"]
+        lines += [f"{k}: {v}" for k, v in headers]
+        if body:
+            lines.append(f"Content-Length: {len(body)}")
+        self.send(("\r\n".join(lines) + "\r\n\r\n").encode() + body)
+        return self.read_response(method)
+
+    def closed_within(self, timeout: float) -> bool:
+        """True if the peer closes (EOF or reset) within timeout; data received is discarded."""
+        deadline = time.monotonic() + timeout
+        self.sock.settimeout(0.1)
+        while time.monotonic() < deadline:
+            try:
+                d = self.sock.recv(65536)
+                if not d:
+                    return True
+            except socket.timeout:
+                continue
+            except OSError:
+                return True
+        return False
+
+    def close(self):
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+
+
+def status_or_close(port, data: bytes, timeout=5.0):
+    """Sends data on a fresh connection. Returns (status or None, closed_after, raw bytes):
+    status of the first response (None if the connection ended with no response) and whether
+    the sidecar closed the connection within timeout."""
+    c = RawConn(port, timeout=timeout)
+    try:
+        try:
+            c.send(data)
+        except OSError:
+            return None, True, b""
+        raw = b""
+        deadline = time.monotonic() + timeout
+        closed = False
+        c.sock.settimeout(0.2)
+        while time.monotonic() < deadline:
+            try:
+                d = c.sock.recv(65536)
+            except socket.timeout:
+                continue
+            except OSError:
+                closed = True
+                break
+            if not d:
+                closed = True
+                break
+            raw += d
+        status = None
+        if raw.startswith(b"HTTP/"):
+            try:
+                status = int(raw.split(b" ", 2)[1])
+            except (IndexError, ValueError):
+                status = None
+        return status, closed, raw
+    finally:
+        c.close()
+
+
+# --------------------------------------------------------------------------------------------
+# HTTP/2 client on the h2 library
+# --------------------------------------------------------------------------------------------
+class H2Client:
+    """A cleartext (prior knowledge) HTTP/2 client connection, frame-level, for tests."""
+
+    def __init__(self, port, timeout=10.0):
+        import h2.config
+        import h2.connection
+
+        self.sock = socket.create_connection((LOCALHOST, port), timeout=timeout)
+        self.conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, header_encoding="utf-8"))
+        self.conn.initiate_connection()
+        self.flush()
+        self.streams: dict[int, dict] = {}
+        self.terminated = []  # ConnectionTerminated events (GOAWAY received)
+        self.closed = False  # the peer closed the TCP connection
+        self.events = []
+
+    def flush(self):
+        data = self.conn.data_to_send()
+        if data:
+            self.sock.sendall(data)
+
+    def request(self, path, method="GET", body=b"", headers=(), port_authority="e2e.test"):
+        sid = self.conn.get_next_available_stream_id()
+        hdrs = [(":method", method), (":path", path), (":scheme", "http"), (":authority", port_authority), *headers]
+        self.conn.send_headers(sid, hdrs, end_stream=not body)
+        if body:
+            self.conn.send_data(sid, body, end_stream=True)
+        self.streams[sid] = {"status": None, "headers": [], "body": b"", "ended": False, "reset": None, "trailers": []}
+        self.flush()
+        return sid
+
+    def pump(self, timeout=0.5):
+        """Reads once (up to timeout) and handles the events. Returns False once closed."""
+        import h2.events
+        import h2.exceptions
+
+        if self.closed:
+            return False
+        self.sock.settimeout(timeout)
+        try:
+            data = self.sock.recv(1 << 20)
+        except socket.timeout:
+            return True
+        except OSError:
+            self.closed = True
+            return False
+        if not data:
+            self.closed = True
+            return False
+        try:
+            events = self.conn.receive_data(data)
+        except h2.exceptions.ProtocolError:
+            self.closed = True
+            return False
+        for ev in events:
+            self.events.append(ev)
+            st = self.streams.get(getattr(ev, "stream_id", None) or -1)
+            if isinstance(ev, h2.events.ResponseReceived) and st is not None:
+                st["headers"] = ev.headers
+                st["status"] = int(dict(ev.headers)[":status"])
+            elif isinstance(ev, h2.events.DataReceived):
+                if st is not None:
+                    st["body"] += ev.data
+                try:
+                    self.conn.acknowledge_received_data(ev.flow_controlled_length, ev.stream_id)
+                except h2.exceptions.H2Error:
+                    pass
+            elif isinstance(ev, h2.events.TrailersReceived) and st is not None:
+                st["trailers"] = ev.headers
+            elif isinstance(ev, h2.events.StreamEnded) and st is not None:
+                st["ended"] = True
+            elif isinstance(ev, h2.events.StreamReset) and st is not None:
+                st["reset"] = ev.error_code
+                st["ended"] = True
+            elif isinstance(ev, h2.events.ConnectionTerminated):
+                self.terminated.append(ev)
+        try:
+            self.flush()
+        except OSError:
+            self.closed = True
+        return True
+
+    def wait(self, stream_ids, timeout=10.0):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if all(self.streams[s]["ended"] for s in stream_ids):
+                break
+            if not self.pump(0.2):
+                break
+        return {s: self.streams[s] for s in stream_ids}
+
+    def close(self):
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+
+
+# --------------------------------------------------------------------------------------------
+# metrics
+# --------------------------------------------------------------------------------------------
+class Metrics:
+    def __init__(self, text: str):
+        self.text = text
+        self.samples = []  # (name, labels, value)
+        for fam in text_string_to_metric_families(text):
+            for s in fam.samples:
+                self.samples.append((s.name, dict(s.labels), s.value))
+
+    def value(self, name, **labels) -> float:
+        """Sum of the samples called name whose labels include the given ones (0 if none)."""
+        return sum(v for n, lab, v in self.samples if n == name and all(lab.get(k) == str(x) for k, x in labels.items()))
+
+    def series(self, name):
+        return [(lab, v) for n, lab, v in self.samples if n == name]
+
+    def has(self, name) -> bool:
+        return any(n == name for n, _, _ in self.samples)
+
+
+# --------------------------------------------------------------------------------------------
+# child processes
+# --------------------------------------------------------------------------------------------
+def _stop(proc: subprocess.Popen, timeout=5.0):
+    if proc.poll() is not None:
+        return proc.returncode
+    try:
+        proc.send_signal(signal.SIGTERM)
+        return proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        return proc.wait(5)
+
+
+class AppProcess:
+    """A test app started as a child process; it prints `PORT <n>` once it listens."""
+
+    def __init__(self, script: str, *args, log_dir: Path):
+        self.name = Path(script).stem
+        self.log = open(log_dir / f"{self.name}.stderr", "wb")
+        self.proc = subprocess.Popen(
+            [sys.executable, str(APPS / script), *map(str, args)],
+            stdout=subprocess.PIPE,
+            stderr=self.log,
+            start_new_session=True,
+        )
+        line = self._readline(15.0)
+        if not line.startswith(b"PORT "):
+            self.stop()
+            raise RuntimeError(f"{script} did not start: {line!r}; see {self.log.name}")
+        self.port = int(line.split()[1])
+
+    def _readline(self, timeout):
+        out = []
+        t = threading.Thread(target=lambda: out.append(self.proc.stdout.readline()), daemon=True)
+        t.start()
+        t.join(timeout)
+        return out[0] if out else b""
+
+    @property
+    def address(self):
+        return f"{LOCALHOST}:{self.port}"
+
+    def stop(self):
+        _stop(self.proc)
+        self.log.close()
+
+
+class HttpApp(AppProcess):
+    """The HTTP/1.1 app (apps/http_app.py) and its control endpoints."""
+
+    def __init__(self, log_dir: Path, unhealthy=False):
+        super().__init__("http_app.py", *(["--unhealthy"] if unhealthy else []), log_dir=log_dir)
+
+    def get(self, path):
+        return http_request(self.port, path, timeout=5)
+
+    def count(self) -> dict:
+        return self.get("/count").json()
+
+    def set_health(self, ok: bool):
+        assert self.get(f"/toggle-health?ok={int(ok)}").status == 200
+
+    def fail_next_health_checks(self, n: int):
+        assert self.get(f"/toggle-health?fail_next={n}").status == 200
+
+
+def read_rss_kib(pid) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    return 0
+
+
+class RssSampler:
+    """Samples a process's VmRSS every interval seconds in a thread; .peak_kib is the maximum."""
+
+    def __init__(self, pid, interval=0.05):
+        self.pid, self.interval = pid, interval
+        self.peak_kib = 0
+        self.samples = 0
+        self._stop = threading.Event()
+        self._t = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self):
+        while not self._stop.is_set():
+            try:
+                self.peak_kib = max(self.peak_kib, read_rss_kib(self.pid))
+                self.samples += 1
+            except OSError:
+                return
+            self._stop.wait(self.interval)
+
+    def __enter__(self):
+        self._t.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._t.join(2)
+
+
+# --------------------------------------------------------------------------------------------
+# configs and the sidecar process
+# --------------------------------------------------------------------------------------------
+def make_config(
+    app_port,
+    *,
+    health_path="/healthz",
+    app_http="auto",
+    limits=None,
+    request_timeout=None,
+    extra_inbound=(),
+    drain_timeout="5s",
+    log_level="info",
+    interval="200ms",
+    web_port=None,
+    admin_port=None,
+):
+    """The usual test config: admin + one `web` http inbound in front of the app on app_port."""
+    web = {
+        "name": "web",
+        "listen": f"{LOCALHOST}:{web_port or free_port()}",
+        "protocol": "http",
+        "limits": {
+            "max_header_bytes": "16KiB",
+            "header_read_timeout": "2s",
+            "idle_timeout": "60s",
+            "max_connections": 200,
+            **(limits or {}),
+        },
+    }
+    if request_timeout:
+        web["request_timeout"] = request_timeout
+    app = {"address": f"{LOCALHOST}:{app_port}", "http": app_http}
+    if health_path:
+        app["health"] = {"path": health_path, "interval": interval, "timeout": "1s"}
+    return {
+        "admin": {"listen": f"{LOCALHOST}:{admin_port or free_port()}"},
+        "app": app,
+        "inbound": [web, *extra_inbound],
+        "telemetry": {"log_level": log_level, "access_log": {"enabled": True, "format": "json", "path": "stdout"}},
+        "shutdown": {"drain_timeout": drain_timeout},
+        "runtime": {"worker_threads": 2},
+    }
+
+
+def write_config(path: Path, cfg) -> Path:
+    text = cfg if isinstance(cfg, str) else yaml.safe_dump(cfg, sort_keys=False)
+    path.write_text(text)
+    return path
+
+
+class Sidecar:
+    """The real sidecar binary as a child process (`sidecar run -c FILE`), its logs in files."""
+
+    def __init__(self, config_path: Path, cfg: dict | None, log_dir: Path, args=None, env=None):
+        if not SIDECAR_BIN.exists():
+            raise RuntimeError(f"sidecar binary not found at {SIDECAR_BIN} (set SIDECAR_BIN or build it)")
+        self.config_path = config_path
+        self.cfg = cfg or {}
+        self.stdout_path = log_dir / f"sidecar-{id(self)}.stdout"
+        self.stderr_path = log_dir / f"sidecar-{id(self)}.stderr"
+        self._out = open(self.stdout_path, "wb")
+        self._err = open(self.stderr_path, "wb")
+        e = dict(os.environ)
+        e.setdefault("RUST_BACKTRACE", "1")
+        e.update(env or {})
+        self.proc = subprocess.Popen(
+            [str(SIDECAR_BIN), *(args or ["run", "-c", str(config_path)])],
+            stdout=self._out,
+            stderr=self._err,
+            stdin=subprocess.DEVNULL,
+            env=e,
+            start_new_session=True,
+        )
+        self.pid = self.proc.pid
+        self.stopped_by_test = False
+
+    # --- addresses ---------------------------------------------------------------------
+    @property
+    def admin_port(self) -> int:
+        listen = (self.cfg.get("admin") or {}).get("listen", "127.0.0.1:15000")
+        return int(listen.rsplit(":", 1)[1])
+
+    def port(self, listener="web") -> int:
+        for ib in self.cfg.get("inbound", []):
+            if ib["name"] == listener:
+                return int(ib["listen"].rsplit(":", 1)[1])
+        raise KeyError(listener)
+
+    # --- admin -------------------------------------------------------------------------
+    def admin(self, path, method="GET", body=None, headers=None, timeout=5.0) -> Resp:
+        return http_request(self.admin_port, path, method=method, body=body, headers=headers, timeout=timeout)
+
+    def metrics(self) -> Metrics:
+        r = self.admin("/metrics")
+        assert r.status == 200, f"/metrics answered {r.status}"
+        return Metrics(r.body.decode())
+
+    def _wait_admin(self, path, timeout):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"sidecar exited with {self.proc.returncode} while starting:\n{self.stderr_tail()}")
+            try:
+                if self.admin(path, timeout=1).status == 200:
+                    return
+            except OSError:
+                pass
+            time.sleep(0.05)
+        raise AssertionError(f"sidecar admin {path} not 200 after {timeout}s:\n{self.stderr_tail()}")
+
+    def wait_live(self, timeout=10.0):
+        self._wait_admin("/live", timeout)
+        return self
+
+    def wait_ready(self, timeout=10.0):
+        self._wait_admin("/ready", timeout)
+        return self
+
+    def ready_status(self) -> int:
+        return self.admin("/ready", timeout=2).status
+
+    # --- logs --------------------------------------------------------------------------
+    def stdout_text(self) -> str:
+        self._out.flush()
+        return self.stdout_path.read_text(errors="replace")
+
+    def stderr_text(self) -> str:
+        self._err.flush()
+        return self.stderr_path.read_text(errors="replace")
+
+    def stderr_tail(self, n=40) -> str:
+        return "\n".join(self.stderr_text().splitlines()[-n:])
+
+    def access_log(self) -> list[dict]:
+        """Access-log records: the JSON objects on stdout that carry a `direction` field."""
+        out = []
+        for line in self.stdout_text().splitlines():
+            line = line.strip()
+            if line.startswith("{"):
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                if isinstance(rec, dict) and "direction" in rec:
+                    out.append(rec)
+        return out
+
+    # --- process -----------------------------------------------------------------------
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def assert_alive(self):
+        assert self.alive(), f"sidecar died with exit status {self.proc.returncode}:\n{self.stderr_tail()}"
+
+    def signal(self, sig):
+        self.stopped_by_test = True
+        self.proc.send_signal(sig)
+
+    def wait_exit(self, timeout) -> int:
+        return self.proc.wait(timeout)
+
+    def rss_kib(self) -> int:
+        return read_rss_kib(self.pid)
+
+    def stop(self):
+        rc = _stop(self.proc)
+        self._out.close()
+        self._err.close()
+        return rc
+
+
+def run_sidecar_cmd(*args, timeout=20.0, env=None) -> subprocess.CompletedProcess:
+    e = dict(os.environ)
+    e.update(env or {})
+    return subprocess.run([str(SIDECAR_BIN), *map(str, args)], capture_output=True, text=True, timeout=timeout, env=e)
