@@ -48,10 +48,8 @@ pub fn start(addr: SocketAddr, state: AdminState) -> Result<SocketAddr, AdminErr
     let listener = std::net::TcpListener::bind(addr).map_err(|source| AdminError::Bind { addr, source })?;
     listener.set_nonblocking(true).map_err(AdminError::Start)?;
     let local = listener.local_addr().map_err(AdminError::Start)?;
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(AdminError::Start)?;
+    let runtime =
+        tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(AdminError::Start)?;
     std::thread::Builder::new()
         .name("sidecar-admin".into())
         .spawn(move || runtime.block_on(serve(listener, state)))
@@ -82,9 +80,8 @@ async fn serve(listener: std::net::TcpListener, state: AdminState) {
                 let state = state.clone();
                 async move { Ok::<_, Infallible>(route(req, &state).await) }
             });
-            let _ = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), svc)
-                .await;
+            let _ =
+                hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), svc).await;
         });
     }
 }
@@ -132,10 +129,7 @@ async fn route(req: Request<Incoming>, state: &AdminState) -> Response<Full<Byte
 }
 
 fn wants(req: &Request<Incoming>, needle: &str) -> bool {
-    req.headers()
-        .get(header::ACCEPT)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.contains(needle))
+    req.headers().get(header::ACCEPT).and_then(|v| v.to_str().ok()).is_some_and(|v| v.contains(needle))
 }
 
 fn metrics(req: &Request<Incoming>, state: &AdminState) -> Response<Full<Bytes>> {

@@ -51,11 +51,8 @@ pub fn run(config: Config, path: Option<PathBuf>, log: Option<LogHandle>) -> any
         b.worker_threads(workers);
         b
     };
-    let runtime = builder
-        .enable_all()
-        .thread_name("sidecar-worker")
-        .build()
-        .context("starting the runtime")?;
+    let runtime =
+        builder.enable_all().thread_name("sidecar-worker").build().context("starting the runtime")?;
     tracing::info!(workers, version = env!("CARGO_PKG_VERSION"), "starting");
     runtime.block_on(serve(config, path, log))
 }
@@ -104,19 +101,17 @@ async fn serve(config: Config, path: Option<PathBuf>, log: Option<LogHandle>) ->
                 }
             }
             _ = poll.tick(), if reloader.is_some() => {
-                if let Some(r) = &mut reloader {
-                    if r.changed().await {
+                if let Some(r) = &mut reloader
+                    && r.changed().await {
                         tracing::info!(file = %r.path.display(), "config file changed: reloading");
                         r.reload(&mut inbound).await;
                     }
-                }
             }
         }
     };
 
-    let drain_timeout = reloader
-        .as_ref()
-        .map_or(config.shutdown.drain_timeout, |r| r.current.shutdown.drain_timeout);
+    let drain_timeout =
+        reloader.as_ref().map_or(config.shutdown.drain_timeout, |r| r.current.shutdown.drain_timeout);
     tracing::info!(signal = why, timeout = ?drain_timeout, "draining: not ready, no new connections, finishing requests in flight");
     readiness.set_draining();
     drain.start();
@@ -153,17 +148,15 @@ struct Reloader {
 }
 
 impl Reloader {
-    fn new(path: PathBuf, tx: watch::Sender<Arc<Config>>, metrics: Arc<Metrics>, log: Option<LogHandle>) -> Self {
+    fn new(
+        path: PathBuf,
+        tx: watch::Sender<Arc<Config>>,
+        metrics: Arc<Metrics>,
+        log: Option<LogHandle>,
+    ) -> Self {
         let last_text = std::fs::read(&path).ok();
         let current = tx.borrow().clone();
-        Reloader {
-            path,
-            last_text,
-            current,
-            tx,
-            metrics,
-            log,
-        }
+        Reloader { path, last_text, current, tx, metrics, log }
     }
 
     /// True when the file's bytes differ from the last ones seen.
@@ -205,10 +198,10 @@ impl Reloader {
         }
         warn_restart_needed(&self.current, &new, &self.path);
         inbound.apply(&new)?;
-        if new.telemetry.log_level != self.current.telemetry.log_level {
-            if let Some(log) = &self.log {
-                log.set(&new.telemetry.log_level)?;
-            }
+        if new.telemetry.log_level != self.current.telemetry.log_level
+            && let Some(log) = &self.log
+        {
+            log.set(&new.telemetry.log_level)?;
         }
         let new = Arc::new(new);
         self.current = new.clone();

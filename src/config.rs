@@ -312,42 +312,29 @@ enum Scalar {
 pub fn load(file: &Path) -> Result<Config, ConfigError> {
     let text = std::fs::read_to_string(file).map_err(|e| ConfigError {
         file: file.to_owned(),
-        problems: vec![Problem {
-            path: String::new(),
-            message: format!("cannot read the file: {e}"),
-        }],
+        problems: vec![Problem { path: String::new(), message: format!("cannot read the file: {e}") }],
     })?;
     parse(file, &text)
 }
 
 /// Parses and validates config text; `file` only names it in errors.
 pub fn parse(file: &Path, text: &str) -> Result<Config, ConfigError> {
-    let fail = |problems| ConfigError {
-        file: file.to_owned(),
-        problems,
-    };
-    let raw = parse_raw(text).map_err(fail)?;
-    let mut problems = Vec::new();
+    let fail = |problems| ConfigError { file: file.to_owned(), problems };
+    let (raw, mut problems) = parse_raw(text).map_err(fail)?;
+    // Structural problems first, then what validation finds in the rest of the file.
     let config = validate(raw, &mut problems);
-    if problems.is_empty() {
-        Ok(config)
-    } else {
-        Err(fail(problems))
-    }
+    if problems.is_empty() { Ok(config) } else { Err(fail(problems)) }
 }
 
 /// YAML → raw types, collecting every structural error (unknown field, wrong type) rather
-/// than the first: each error's node is removed and the parse tried again.
-fn parse_raw(text: &str) -> Result<RawConfig, Vec<Problem>> {
+/// than the first: each error's node is removed and the parse tried again, so the raw config
+/// returned is the file less its broken parts, ready for `validate` to find the rest.
+fn parse_raw(text: &str) -> Result<(RawConfig, Vec<Problem>), Vec<Problem>> {
     let mut value: Value = if text.trim().is_empty() {
         Value::Null
     } else {
-        serde_yaml_ng::from_str(text).map_err(|e| {
-            vec![Problem {
-                path: String::new(),
-                message: format!("not valid YAML: {e}"),
-            }]
-        })?
+        serde_yaml_ng::from_str(text)
+            .map_err(|e| vec![Problem { path: String::new(), message: format!("not valid YAML: {e}") }])?
     };
     if value.is_null() {
         value = Value::Mapping(Default::default());
@@ -355,8 +342,7 @@ fn parse_raw(text: &str) -> Result<RawConfig, Vec<Problem>> {
     let mut problems: Vec<Problem> = Vec::new();
     loop {
         match serde_path_to_error::deserialize::<_, RawConfig>(value.clone()) {
-            Ok(raw) if problems.is_empty() => return Ok(raw),
-            Ok(_) => return Err(problems),
+            Ok(raw) => return Ok((raw, problems)),
             Err(err) => {
                 let path = err.path().to_string();
                 let message = err.inner().to_string();
@@ -364,10 +350,10 @@ fn parse_raw(text: &str) -> Result<RawConfig, Vec<Problem>> {
                 // serde's unknown-field error names the key; the path stops at its parent.
                 let unknown = unknown_field_name(&message);
                 let mut full = segments.clone();
-                if let Some(key) = &unknown {
-                    if full.last() != Some(&Segment::Key(key.clone())) {
-                        full.push(Segment::Key(key.clone()));
-                    }
+                if let Some(key) = &unknown
+                    && full.last() != Some(&Segment::Key(key.clone()))
+                {
+                    full.push(Segment::Key(key.clone()));
                 }
                 let shown = if path == "." { String::new() } else { path };
                 let shown = match (&unknown, shown.is_empty()) {
@@ -375,10 +361,7 @@ fn parse_raw(text: &str) -> Result<RawConfig, Vec<Problem>> {
                     (Some(k), false) if !shown.ends_with(k.as_str()) => format!("{shown}.{k}"),
                     _ => shown,
                 };
-                problems.push(Problem {
-                    path: shown,
-                    message: tidy_serde_message(&message),
-                });
+                problems.push(Problem { path: shown, message: tidy_serde_message(&message) });
                 if problems.len() >= MAX_STRUCTURAL_ERRORS || !remove_node(&mut value, &full) {
                     return Err(problems);
                 }
@@ -420,9 +403,8 @@ fn path_segments(path: &str) -> Vec<Segment> {
 }
 
 fn unknown_field_name(message: &str) -> Option<String> {
-    let rest = message
-        .strip_prefix("unknown field `")
-        .or_else(|| message.strip_prefix("unknown variant `"))?;
+    let rest =
+        message.strip_prefix("unknown field `").or_else(|| message.strip_prefix("unknown variant `"))?;
     if message.starts_with("unknown variant") {
         return None;
     }
@@ -483,10 +465,7 @@ struct Ctx<'a> {
 
 impl Ctx<'_> {
     fn bad(&mut self, path: impl Into<String>, message: impl Into<String>) {
-        self.problems.push(Problem {
-            path: path.into(),
-            message: message.into(),
-        });
+        self.problems.push(Problem { path: path.into(), message: message.into() });
     }
 
     fn addr(&mut self, path: &str, raw: Option<&str>, default: &str) -> SocketAddr {
@@ -526,17 +505,20 @@ impl Ctx<'_> {
 fn validate(raw: RawConfig, problems: &mut Vec<Problem>) -> Config {
     let mut cx = Ctx { problems };
 
-    let admin = AdminConfig {
-        listen: cx.addr("admin.listen", raw.admin.listen.as_deref(), "127.0.0.1:15000"),
-    };
+    let admin =
+        AdminConfig { listen: cx.addr("admin.listen", raw.admin.listen.as_deref(), "127.0.0.1:15000") };
 
     let app_address = cx.addr("app.address", raw.app.address.as_deref(), "127.0.0.1:8080");
     let health = raw.app.health.map(|h| {
         let path = h.path.unwrap_or_else(|| "/healthz".to_owned());
         if !path.starts_with('/') || path.contains(char::is_whitespace) {
-            cx.bad("app.health.path", format!("`{path}` is not a path: it must start with `/` and have no spaces"));
+            cx.bad(
+                "app.health.path",
+                format!("`{path}` is not a path: it must start with `/` and have no spaces"),
+            );
         }
-        let interval = cx.positive_duration("app.health.interval", h.interval.as_ref(), Duration::from_secs(1));
+        let interval =
+            cx.positive_duration("app.health.interval", h.interval.as_ref(), Duration::from_secs(1));
         let timeout = cx.positive_duration("app.health.timeout", h.timeout.as_ref(), Duration::from_secs(1));
         HealthConfig { path, interval, timeout }
     });
@@ -548,7 +530,10 @@ fn validate(raw: RawConfig, problems: &mut Vec<Problem>) -> Config {
     };
 
     if raw.inbound.is_empty() {
-        cx.bad("inbound", "at least one listener is needed, for example `- { name: web, listen: 0.0.0.0:15006 }`");
+        cx.bad(
+            "inbound",
+            "at least one listener is needed, for example `- { name: web, listen: 0.0.0.0:15006 }`",
+        );
     }
     let mut inbound: Vec<InboundConfig> = Vec::with_capacity(raw.inbound.len());
     for (i, r) in raw.inbound.into_iter().enumerate() {
@@ -606,8 +591,16 @@ fn validate(raw: RawConfig, problems: &mut Vec<Problem>) -> Config {
         };
         let limits = Limits {
             max_header_bytes,
-            header_read_timeout: cx.positive_duration(&at("limits.header_read_timeout"), lim.header_read_timeout.as_ref(), Duration::from_secs(10)),
-            idle_timeout: cx.positive_duration(&at("limits.idle_timeout"), lim.idle_timeout.as_ref(), Duration::from_secs(60)),
+            header_read_timeout: cx.positive_duration(
+                &at("limits.header_read_timeout"),
+                lim.header_read_timeout.as_ref(),
+                Duration::from_secs(10),
+            ),
+            idle_timeout: cx.positive_duration(
+                &at("limits.idle_timeout"),
+                lim.idle_timeout.as_ref(),
+                Duration::from_secs(60),
+            ),
             max_connections: match lim.max_connections {
                 None => 10_000,
                 Some(0) => {
@@ -623,8 +616,16 @@ fn validate(raw: RawConfig, problems: &mut Vec<Problem>) -> Config {
             protocol: r.protocol.unwrap_or(Protocol::Http),
             target,
             limits,
-            request_timeout: cx.duration(&at("request_timeout"), r.request_timeout.as_ref(), Duration::from_secs(15)),
-            connect_timeout: cx.positive_duration(&at("connect_timeout"), r.connect_timeout.as_ref(), Duration::from_secs(1)),
+            request_timeout: cx.duration(
+                &at("request_timeout"),
+                r.request_timeout.as_ref(),
+                Duration::from_secs(15),
+            ),
+            connect_timeout: cx.positive_duration(
+                &at("connect_timeout"),
+                r.connect_timeout.as_ref(),
+                Duration::from_secs(1),
+            ),
         });
     }
 
@@ -658,15 +659,15 @@ fn validate(raw: RawConfig, problems: &mut Vec<Problem>) -> Config {
     let telemetry = TelemetryConfig {
         log_level,
         log_format: raw.telemetry.log_format.unwrap_or(LogFormat::Text),
-        access_log: AccessLogConfig {
-            enabled: al.enabled.unwrap_or(true),
-            format: access_format,
-            path,
-        },
+        access_log: AccessLogConfig { enabled: al.enabled.unwrap_or(true), format: access_format, path },
     };
 
     let shutdown = ShutdownConfig {
-        drain_timeout: cx.duration("shutdown.drain_timeout", raw.shutdown.drain_timeout.as_ref(), Duration::from_secs(20)),
+        drain_timeout: cx.duration(
+            "shutdown.drain_timeout",
+            raw.shutdown.drain_timeout.as_ref(),
+            Duration::from_secs(20),
+        ),
     };
     let worker_threads = raw.runtime.worker_threads.unwrap_or(0);
     if worker_threads > 1024 {
@@ -679,9 +680,7 @@ fn validate(raw: RawConfig, problems: &mut Vec<Problem>) -> Config {
         inbound,
         telemetry,
         shutdown,
-        runtime: RuntimeConfig {
-            worker_threads: worker_threads as usize,
-        },
+        runtime: RuntimeConfig { worker_threads: worker_threads as usize },
     }
 }
 
@@ -701,7 +700,9 @@ pub fn parse_socket_addr(text: &str) -> Result<SocketAddr, String> {
         return Err(format!("`{text}`: `{port}` is not a port number"));
     }
     if host != "localhost" {
-        return Err(format!("`{text}` is not an address: expected IP:PORT, like `127.0.0.1:8080` (names other than localhost are not resolved here)"));
+        return Err(format!(
+            "`{text}` is not an address: expected IP:PORT, like `127.0.0.1:8080` (names other than localhost are not resolved here)"
+        ));
     }
     (host, port.parse::<u16>().unwrap_or(0))
         .to_socket_addrs()
@@ -809,13 +810,16 @@ shutdown: { drain_timeout: 5 }
 
     #[test]
     fn duplicate_names_and_addresses() {
-        let err = parse_str("inbound:\n - {name: a, listen: 127.0.0.1:1}\n - {name: a, listen: 127.0.0.1:1}\n").unwrap_err();
+        let err =
+            parse_str("inbound:\n - {name: a, listen: 127.0.0.1:1}\n - {name: a, listen: 127.0.0.1:1}\n")
+                .unwrap_err();
         assert_eq!(err.problems.len(), 2, "{err}");
     }
 
     #[test]
     fn not_yet_built_sections_are_refused_not_ignored() {
-        let err = parse_str("inbound: [{name: a, listen: 127.0.0.1:1, tls: {cert: x}}]\noutbound: []\n").unwrap_err();
+        let err = parse_str("inbound: [{name: a, listen: 127.0.0.1:1, tls: {cert: x}}]\noutbound: []\n")
+            .unwrap_err();
         let s = err.to_string();
         assert!(s.contains("inbound[0].tls"), "{s}");
         assert!(s.contains("outbound"), "{s}");

@@ -95,10 +95,7 @@ Ctrl-C drains and exits.
 ",
         listen = addrs.listen,
         app = addrs.app,
-        config = config_text(addrs)
-            .lines()
-            .map(|l| format!("  {l}\n"))
-            .collect::<String>(),
+        config = config_text(addrs).lines().map(|l| format!("  {l}\n")).collect::<String>(),
     )
 }
 
@@ -129,10 +126,7 @@ fn full(status: StatusCode, content_type: &'static str, body: impl Into<Bytes>) 
 }
 
 fn query_u64(req: &Request<Incoming>, key: &str) -> Option<u64> {
-    req.uri()
-        .query()?
-        .split('&')
-        .find_map(|kv| kv.strip_prefix(key)?.strip_prefix('=')?.parse().ok())
+    req.uri().query()?.split('&').find_map(|kv| kv.strip_prefix(key)?.strip_prefix('=')?.parse().ok())
 }
 
 async fn app(mut req: Request<Incoming>) -> Response<AppBody> {
@@ -187,7 +181,9 @@ fn websocket(req: &mut Request<Incoming>) -> Response<AppBody> {
     let upgrade = hyper::upgrade::on(req);
     tokio::spawn(async move {
         let Ok(upgraded) = upgrade.await else { return };
-        let ws = tokio_tungstenite::WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, None).await;
+        let ws =
+            tokio_tungstenite::WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, None)
+                .await;
         let (mut tx, mut rx) = ws.split();
         while let Some(Ok(msg)) = rx.next().await {
             if msg.is_text() || msg.is_binary() {

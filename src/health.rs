@@ -7,9 +7,9 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use bytes::Bytes;
 use http::{Request, header};
 use http_body_util::Empty;
-use bytes::Bytes;
 use hyper_util::rt::TokioIo;
 use prometheus_client::metrics::gauge::Gauge;
 use tokio::net::TcpStream;
@@ -83,7 +83,8 @@ async fn check(app: &crate::config::AppConfig) -> Result<(), CheckError> {
     };
     let path = health.path.clone();
     let http_err = |source| CheckError::Http { path: path.clone(), source };
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.map_err(http_err)?;
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.map_err(http_err)?;
     let conn_task = tokio::spawn(conn);
     let req = Request::get(path.as_str())
         .header(header::HOST, addr.to_string())
@@ -94,9 +95,5 @@ async fn check(app: &crate::config::AppConfig) -> Result<(), CheckError> {
     let resp = sender.send_request(req).await.map_err(http_err);
     conn_task.abort();
     let status = resp?.status();
-    if status.is_success() {
-        Ok(())
-    } else {
-        Err(CheckError::Status { path, status })
-    }
+    if status.is_success() { Ok(()) } else { Err(CheckError::Status { path, status }) }
 }

@@ -62,13 +62,7 @@ pub struct Inbound {
 
 impl Inbound {
     pub fn new(metrics: Arc<Metrics>, access_log: AccessLog, drain: DrainWatch) -> Self {
-        Inbound {
-            metrics,
-            access_log,
-            drain,
-            running: HashMap::new(),
-            pools: HashMap::new(),
-        }
+        Inbound { metrics, access_log, drain, running: HashMap::new(), pools: HashMap::new() }
     }
 
     /// Makes the running listeners match `config`. All new addresses are bound first: if
@@ -132,11 +126,7 @@ impl Inbound {
 }
 
 fn bind(l: &InboundConfig) -> Result<TcpListener, BindError> {
-    let err = |source| BindError {
-        name: l.name.clone(),
-        addr: l.listen,
-        source,
-    };
+    let err = |source| BindError { name: l.name.clone(), addr: l.listen, source };
     let socket = if l.listen.is_ipv4() { TcpSocket::new_v4() } else { TcpSocket::new_v6() }.map_err(err)?;
     // A restarted sidecar must be able to bind while old connections sit in TIME_WAIT.
     socket.set_reuseaddr(true).map_err(err)?;

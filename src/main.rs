@@ -14,7 +14,11 @@ use sidecar::demo;
 use sidecar::telemetry::logging;
 
 #[derive(Parser)]
-#[command(name = "sidecar", version, about = "One small, fast binary beside your app: TLS, metrics, logs, readiness, drain")]
+#[command(
+    name = "sidecar",
+    version,
+    about = "One small, fast binary beside your app: TLS, metrics, logs, readiness, drain"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

@@ -284,7 +284,12 @@ async fn handle(mut req: Request<Incoming>, conn: Arc<Conn>) -> Response<Body> {
     let l = &conn.listener;
 
     if req.method() == Method::CONNECT {
-        return local_reply(end, StatusCode::METHOD_NOT_ALLOWED, "CONNECT is not proxied here\n", "connect_refused");
+        return local_reply(
+            end,
+            StatusCode::METHOD_NOT_ALLOWED,
+            "CONNECT is not proxied here\n",
+            "connect_refused",
+        );
     }
     let upgrade = version == Version::HTTP_11 && wants_upgrade(req.headers());
     let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
@@ -323,17 +328,15 @@ async fn handle(mut req: Request<Incoming>, conn: Arc<Conn>) -> Response<Body> {
         }
     };
     let timeout = l.config.request_timeout;
-    let result = if timeout.is_zero() {
-        Some(send.await)
-    } else {
-        tokio::time::timeout(timeout, send).await.ok()
-    };
+    let result =
+        if timeout.is_zero() { Some(send.await) } else { tokio::time::timeout(timeout, send).await.ok() };
     let (mut resp, pooled) = match result {
         None => {
             return local_reply(end, StatusCode::GATEWAY_TIMEOUT, "app timed out\n", "app_timeout");
         }
         Some(Err(e)) => {
-            let client_body_failed = end.req_stats.as_ref().is_some_and(|s| s.errored.load(Ordering::Relaxed));
+            let client_body_failed =
+                end.req_stats.as_ref().is_some_and(|s| s.errored.load(Ordering::Relaxed));
             if client_body_failed {
                 return local_reply(end, StatusCode::BAD_REQUEST, "bad request body\n", "client_body_error");
             }
@@ -365,7 +368,12 @@ async fn handle(mut req: Request<Incoming>, conn: Arc<Conn>) -> Response<Body> {
 }
 
 /// A short plain-text answer made here, not by the app.
-fn local_reply(mut end: RequestEnd, status: StatusCode, body: &'static str, error: &'static str) -> Response<Body> {
+fn local_reply(
+    mut end: RequestEnd,
+    status: StatusCode,
+    body: &'static str,
+    error: &'static str,
+) -> Response<Body> {
     end.status = status.as_u16();
     end.error = Some(error);
     let close = status == StatusCode::BAD_REQUEST && end.version != Version::HTTP_2;

@@ -26,17 +26,16 @@ pub struct ServerIo {
 
 impl ServerIo {
     pub fn new(inner: TcpStream, guard: Option<Guard>, state: Arc<ConnState>) -> Self {
-        ServerIo {
-            inner,
-            guard,
-            poison: None,
-            state,
-        }
+        ServerIo { inner, guard, poison: None, state }
     }
 }
 
 impl AsyncRead for ServerIo {
-    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
         let this = &mut *self;
         if let Some(rest) = this.poison {
             let n = rest.len().min(buf.remaining());
@@ -50,15 +49,15 @@ impl AsyncRead for ServerIo {
             return Poll::Ready(Ok(()));
         }
         this.state.activity.fetch_add(1, Ordering::Relaxed);
-        if let Some(guard) = &mut this.guard {
-            if let Err(v) = guard.scan(&buf.filled()[before..]) {
-                tracing::debug!(reason = v.what, "refusing request");
-                this.state.refused.store(true, Ordering::Relaxed);
-                buf.set_filled(before + v.at);
-                let n = POISON.len().min(buf.remaining());
-                buf.put_slice(&POISON[..n]);
-                this.poison = Some(&POISON[n..]);
-            }
+        if let Some(guard) = &mut this.guard
+            && let Err(v) = guard.scan(&buf.filled()[before..])
+        {
+            tracing::debug!(reason = v.what, "refusing request");
+            this.state.refused.store(true, Ordering::Relaxed);
+            buf.set_filled(before + v.at);
+            let n = POISON.len().min(buf.remaining());
+            buf.put_slice(&POISON[..n]);
+            this.poison = Some(&POISON[n..]);
         }
         Poll::Ready(Ok(()))
     }

@@ -30,13 +30,7 @@ pub struct RequestBody {
 impl RequestBody {
     pub fn new(inner: Incoming) -> (Self, Option<Arc<BodyStats>>) {
         let stats = (!inner.is_end_stream()).then(Arc::default);
-        (
-            RequestBody {
-                inner,
-                stats: stats.clone(),
-            },
-            stats,
-        )
+        (RequestBody { inner, stats: stats.clone() }, stats)
     }
 }
 
@@ -44,7 +38,10 @@ impl Body for RequestBody {
     type Data = Bytes;
     type Error = hyper::Error;
 
-    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         let this = &mut *self;
         let res = ready!(Pin::new(&mut this.inner).poll_frame(cx));
         if let Some(stats) = &this.stats {
@@ -92,21 +89,13 @@ enum Kind {
 
 impl<E: OnEnd> ResponseBody<E> {
     pub fn stream(inner: Incoming, end: E) -> Self {
-        let mut b = ResponseBody {
-            kind: Kind::Stream(inner),
-            bytes_out: 0,
-            end: Some(end),
-        };
+        let mut b = ResponseBody { kind: Kind::Stream(inner), bytes_out: 0, end: Some(end) };
         b.finish_if_empty();
         b
     }
 
     pub fn full(data: Bytes, end: Option<E>) -> Self {
-        let mut b = ResponseBody {
-            kind: Kind::Full((!data.is_empty()).then_some(data)),
-            bytes_out: 0,
-            end,
-        };
+        let mut b = ResponseBody { kind: Kind::Full((!data.is_empty()).then_some(data)), bytes_out: 0, end };
         b.finish_if_empty();
         b
     }
@@ -129,7 +118,10 @@ impl<E: OnEnd> Body for ResponseBody<E> {
     type Data = Bytes;
     type Error = hyper::Error;
 
-    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         let this = &mut *self;
         let res = match &mut this.kind {
             Kind::Stream(inner) => ready!(Pin::new(inner).poll_frame(cx)),

@@ -41,10 +41,10 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
     if !upgrade {
         headers.remove(header::UPGRADE);
     }
-    if let Some(te) = headers.get(header::TE) {
-        if !te.as_bytes().eq_ignore_ascii_case(b"trailers") {
-            headers.remove(header::TE);
-        }
+    if let Some(te) = headers.get(header::TE)
+        && !te.as_bytes().eq_ignore_ascii_case(b"trailers")
+    {
+        headers.remove(header::TE);
     }
 }
 
@@ -118,12 +118,11 @@ fn append_list(headers: &mut HeaderMap, name: &HeaderName, value: &HeaderValue) 
 /// Rewrites a request target for an HTTP/1.1 hop: origin-form (`/path?q`), with `Host`
 /// set from the HTTP/2 `:authority` when the client spoke HTTP/2.
 pub fn to_origin_form(uri: &mut Uri, headers: &mut HeaderMap) {
-    if let Some(auth) = uri.authority() {
-        if !headers.contains_key(header::HOST) {
-            if let Ok(v) = HeaderValue::from_str(auth.as_str()) {
-                headers.insert(header::HOST, v);
-            }
-        }
+    if let Some(auth) = uri.authority()
+        && !headers.contains_key(header::HOST)
+        && let Ok(v) = HeaderValue::from_str(auth.as_str())
+    {
+        headers.insert(header::HOST, v);
     }
     if uri.scheme().is_some() || uri.authority().is_some() {
         let pq = uri.path_and_query().cloned().unwrap_or_else(|| PathAndQuery::from_static("/"));

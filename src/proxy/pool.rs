@@ -85,10 +85,7 @@ impl PooledH1 {
     /// the request body was sent whole; otherwise just drop it, and hyper closes it.
     pub fn release(self) {
         if !self.conn.is_closed() {
-            let _ = self.idle.push(Idle {
-                conn: self.conn,
-                since: Instant::now(),
-            });
+            let _ = self.idle.push(Idle { conn: self.conn, since: Instant::now() });
         }
     }
 }
@@ -121,7 +118,10 @@ impl Pool {
         }
     }
 
-    async fn send_h1(&self, mut req: Request<RequestBody>) -> Result<(Response<Incoming>, PooledH1), PoolError> {
+    async fn send_h1(
+        &self,
+        mut req: Request<RequestBody>,
+    ) -> Result<(Response<Incoming>, PooledH1), PoolError> {
         loop {
             let (mut conn, reused) = match self.take_idle().await {
                 Some(c) => (c, true),
@@ -129,23 +129,14 @@ impl Pool {
             };
             match conn.try_send_request(req).await {
                 Ok(resp) => {
-                    return Ok((
-                        resp,
-                        PooledH1 {
-                            conn,
-                            idle: self.idle.clone(),
-                        },
-                    ));
+                    return Ok((resp, PooledH1 { conn, idle: self.idle.clone() }));
                 }
                 Err(mut e) => match e.take_message() {
                     // Never written: the pooled connection died under us. Fresh ones are
                     // not retried, so this loop ends.
                     Some(back) if reused => req = back,
                     _ => {
-                        return Err(PoolError::Send {
-                            addr: self.addr,
-                            source: e.into_error(),
-                        });
+                        return Err(PoolError::Send { addr: self.addr, source: e.into_error() });
                     }
                 },
             }
@@ -173,10 +164,7 @@ impl Pool {
             Ok(Ok(s)) => s,
             Ok(Err(source)) => return Err(PoolError::Connect { addr, source }),
             Err(_) => {
-                return Err(PoolError::ConnectTimeout {
-                    addr,
-                    after: self.connect_timeout,
-                });
+                return Err(PoolError::ConnectTimeout { addr, after: self.connect_timeout });
             }
         };
         // Requests are small writes that must leave now, not wait for Nagle.
@@ -210,32 +198,26 @@ impl Pool {
                 tracing::debug!(error = %e, "app upgrade connection ended");
             }
         });
-        sender
-            .send_request(req)
-            .await
-            .map_err(|source| PoolError::Send { addr: self.addr, source })
+        sender.send_request(req).await.map_err(|source| PoolError::Send { addr: self.addr, source })
     }
 
     async fn send_h2(&self, req: Request<RequestBody>) -> Result<Response<Incoming>, PoolError> {
         let mut sender = self.h2_sender().await?;
-        sender
-            .send_request(req)
-            .await
-            .map_err(|source| PoolError::Send { addr: self.addr, source })
+        sender.send_request(req).await.map_err(|source| PoolError::Send { addr: self.addr, source })
     }
 
     async fn h2_sender(&self) -> Result<http2::SendRequest<RequestBody>, PoolError> {
-        if let Some(s) = self.h2.load().as_deref() {
-            if !s.is_closed() {
-                return Ok(s.clone());
-            }
+        if let Some(s) = self.h2.load().as_deref()
+            && !s.is_closed()
+        {
+            return Ok(s.clone());
         }
         let _one = self.h2_connect.lock().await;
         // Someone else may have connected while we waited.
-        if let Some(s) = self.h2.load().as_deref() {
-            if !s.is_closed() {
-                return Ok(s.clone());
-            }
+        if let Some(s) = self.h2.load().as_deref()
+            && !s.is_closed()
+        {
+            return Ok(s.clone());
         }
         let io = self.connect().await?;
         let (sender, conn) = http2::Builder::new(TokioExecutor::new())

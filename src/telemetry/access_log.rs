@@ -84,20 +84,14 @@ impl AccessLog {
                     .create(true)
                     .append(true)
                     .open(p)
-                    .map_err(|source| AccessLogError {
-                        path: p.display().to_string(),
-                        source,
-                    })?,
+                    .map_err(|source| AccessLogError { path: p.display().to_string(), source })?,
             ),
         };
         let (tx, rx) = mpsc::channel(QUEUE);
         std::thread::Builder::new()
             .name("access-log".into())
             .spawn(move || write_loop(rx, out))
-            .map_err(|source| AccessLogError {
-                path: "thread".into(),
-                source,
-            })?;
+            .map_err(|source| AccessLogError { path: "thread".into(), source })?;
         Ok(AccessLog { tx: Some(tx), dropped })
     }
 
@@ -106,10 +100,10 @@ impl AccessLog {
     }
 
     pub fn log(&self, record: AccessRecord) {
-        if let Some(tx) = &self.tx {
-            if tx.try_send(record).is_err() {
-                self.dropped.inc();
-            }
+        if let Some(tx) = &self.tx
+            && tx.try_send(record).is_err()
+        {
+            self.dropped.inc();
         }
     }
 }

@@ -10,10 +10,7 @@ use crate::config::LogFormat;
 #[derive(Debug, thiserror::Error)]
 pub enum LogError {
     #[error("`{filter}` is not a log filter: {source}")]
-    BadFilter {
-        filter: String,
-        source: tracing_subscriber::filter::ParseError,
-    },
+    BadFilter { filter: String, source: tracing_subscriber::filter::ParseError },
     #[error("the logger is gone")]
     Gone,
 }
@@ -36,10 +33,9 @@ impl LogHandle {
 }
 
 fn parse_filter(filter: &str) -> Result<EnvFilter, LogError> {
-    EnvFilter::builder().parse(filter.trim()).map_err(|source| LogError::BadFilter {
-        filter: filter.trim().to_owned(),
-        source,
-    })
+    EnvFilter::builder()
+        .parse(filter.trim())
+        .map_err(|source| LogError::BadFilter { filter: filter.trim().to_owned(), source })
 }
 
 /// Installs the global subscriber. Called once, by the binary, before anything logs.

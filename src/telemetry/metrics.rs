@@ -69,10 +69,8 @@ impl Reject {
 }
 
 /// Latency buckets in seconds: a sidecar hop is sub-millisecond, apps are 1 ms – 10 s.
-const LATENCY_BUCKETS: [f64; 16] = [
-    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
-    5.0, 10.0,
-];
+const LATENCY_BUCKETS: [f64; 16] =
+    [0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
 
 /// A histogram of fixed buckets made of atomics. prometheus-client's own takes a mutex on
 /// every observation, which the request path must not.
@@ -137,7 +135,11 @@ impl Metrics {
     pub fn new() -> Self {
         let mut registry = Registry::with_prefix("sidecar");
         let inbound_requests = Family::<StatusLabels, Counter>::default();
-        registry.register("inbound_requests", "Requests answered on an inbound listener", inbound_requests.clone());
+        registry.register(
+            "inbound_requests",
+            "Requests answered on an inbound listener",
+            inbound_requests.clone(),
+        );
         let inbound_duration = Family::<ListenerLabels, LatencyHistogram>::default();
         registry.register(
             "inbound_request_duration_seconds",
@@ -223,18 +225,12 @@ impl ListenerMetrics {
     }
 
     fn status_counter(&self, status: u16) -> Counter {
-        let labels = StatusLabels {
-            listener: self.name.to_string(),
-            status_code: status.to_string(),
-        };
+        let labels = StatusLabels { listener: self.name.to_string(), status_code: status.to_string() };
         self.metrics.inbound_requests.get_or_create(&labels).clone()
     }
 
     pub fn reject(&self, reason: Reject) {
-        let labels = RejectLabels {
-            listener: self.name.to_string(),
-            reason: reason.as_str(),
-        };
+        let labels = RejectLabels { listener: self.name.to_string(), reason: reason.as_str() };
         self.metrics.inbound_rejected.get_or_create(&labels).inc();
     }
 }

@@ -272,7 +272,10 @@ def status_or_close(port, data: bytes, timeout=5.0):
     """Sends data on a fresh connection. Returns (status or None, closed_after, raw bytes):
     status of the first response (None if the connection ended with no response) and whether
     the sidecar closed the connection within timeout."""
-    c = RawConn(port, timeout=timeout)
+    try:
+        c = RawConn(port, timeout=timeout)
+    except ConnectionRefusedError:
+        return None, True, b""
     try:
         try:
             c.send(data)

@@ -1,0 +1,169 @@
+"""Graceful drain on SIGTERM, SIGINT and POST /shutdown: /ready 503 at once, listeners closed,
+in-flight requests and streams completed, `Connection: close` for HTTP/1, GOAWAY for HTTP/2,
+exit 0; bounded by drain_timeout; a second signal exits at once."""
+
+import signal
+import socket
+import threading
+import time
+
+import pytest
+
+from helpers import ConnectionClosed, H2Client, RawConn, http_request, make_config, wait_until
+
+
+def _in_background(fn, *args, **kw):
+    out = {}
+
+    def run():
+        try:
+            out["result"] = fn(*args, **kw)
+        except Exception as e:  # noqa: BLE001 - reported by the test
+            out["error"] = e
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    return t, out
+
+
+def _wait_inflight(app, n=1):
+    wait_until(lambda: app.count()["inflight"] >= n, 5, what=f"{n} request(s) in flight at the app")
+
+
+def _new_connection_refused(port) -> bool:
+    """True when a new client cannot get a request served: connect refused, or the connection
+    closed/reset without an answer. A hang (accepted by the kernel, never served) is not refused."""
+    try:
+        c = RawConn(port, timeout=1.5)
+    except ConnectionRefusedError:
+        return True
+    try:
+        c.request("/")
+        return False
+    except (ConnectionClosed, ConnectionResetError, BrokenPipeError):
+        return True
+    except socket.timeout:
+        return False
+    finally:
+        c.close()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_signal_drains_in_flight_request_and_exits_0(http_app, start_sidecar, sig):
+    sc = start_sidecar(make_config(http_app.port, drain_timeout="10s", request_timeout="30s"))
+    port = sc.port("web")
+    t, out = _in_background(http_request, port, "/slow?ms=2500", timeout=15)
+    _wait_inflight(http_app)
+    sc.signal(sig)
+    t0 = time.monotonic()
+    wait_until(lambda: sc.ready_status() == 503, 0.5, interval=0.02, what="/ready 503 right after the signal")
+    wait_until(lambda: _new_connection_refused(port), 2, what="new connections to be refused during drain")
+    assert sc.alive(), "the sidecar exited before its in-flight request finished"
+    t.join(10)
+    assert "error" not in out, f"in-flight request failed during drain: {out.get('error')!r}"
+    r = out["result"]
+    assert r.status == 200 and r.body == b"slow done 2500\n"
+    rc = sc.wait_exit(5)
+    assert rc == 0, f"exit status {rc} after a clean drain"
+    assert time.monotonic() - t0 < 5
+
+
+def test_idle_sidecar_exits_quickly_on_sigterm(web):
+    t0 = time.monotonic()
+    web.sc.signal(signal.SIGTERM)
+    assert web.sc.wait_exit(5) == 0
+    assert time.monotonic() - t0 < 2, "an idle sidecar should not wait for drain_timeout"
+
+
+def test_http1_keep_alive_gets_connection_close_during_drain(http_app, start_sidecar):
+    sc = start_sidecar(make_config(http_app.port, drain_timeout="10s"))
+    port = sc.port("web")
+    busy, idle = RawConn(port), RawConn(port)
+    try:
+        r = busy.request("/")
+        assert r.status == 200 and (r.header("Connection") or "").lower() != "close"
+        assert idle.request("/").status == 200
+        busy.send(b"GET /slow?ms=1500 HTTP/1.1\r\nHost: e2e.test\r\n\r\n")
+        _wait_inflight(http_app)
+        sc.signal(signal.SIGTERM)
+        r = busy.read_response()
+        assert r.status == 200 and r.body == b"slow done 1500\n"
+        assert (r.header("Connection") or "").lower() == "close", f"response during drain lacks Connection: close: {r.headers}"
+        assert busy.closed_within(3), "the sidecar kept the connection open after Connection: close"
+        # The idle keep-alive connection is closed, or its next response says close.
+        try:
+            r2 = idle.request("/")
+            assert (r2.header("Connection") or "").lower() == "close"
+        except (ConnectionClosed, ConnectionResetError, BrokenPipeError):
+            pass
+    finally:
+        busy.close()
+        idle.close()
+    assert sc.wait_exit(5) == 0
+
+
+def test_http2_gets_goaway_and_in_flight_stream_completes(http_app, start_sidecar):
+    sc = start_sidecar(make_config(http_app.port, drain_timeout="10s"))
+    c = H2Client(sc.port("web"))
+    try:
+        sid = c.request("/slow?ms=1500")
+        _wait_inflight(http_app)
+        sc.signal(signal.SIGTERM)
+        res = c.wait([sid], timeout=8)[sid]
+        deadline = time.monotonic() + 2
+        while not c.terminated and time.monotonic() < deadline and c.pump(0.2):
+            pass
+    finally:
+        c.close()
+    assert res["status"] == 200 and res["body"] == b"slow done 1500\n", res
+    assert res["reset"] is None
+    assert c.terminated, "no GOAWAY received during drain"
+    assert c.terminated[0].last_stream_id >= sid
+    assert sc.wait_exit(5) == 0
+
+
+def test_drain_timeout_bounds_the_drain(http_app, start_sidecar):
+    sc = start_sidecar(make_config(http_app.port, drain_timeout="1s", request_timeout="120s"))
+    _in_background(http_request, sc.port("web"), "/slow?ms=60000", timeout=30)
+    _wait_inflight(http_app)
+    t0 = time.monotonic()
+    sc.signal(signal.SIGTERM)
+    rc = sc.wait_exit(10)
+    took = time.monotonic() - t0
+    assert took < 4, f"drain_timeout 1s but exit took {took:.1f}s"
+    assert took > 0.8, f"exited after {took:.2f}s, before drain_timeout, with a request in flight"
+    assert rc == 0
+
+
+def test_second_signal_exits_at_once(http_app, start_sidecar):
+    sc = start_sidecar(make_config(http_app.port, drain_timeout="30s", request_timeout="120s"))
+    _in_background(http_request, sc.port("web"), "/slow?ms=60000", timeout=60)
+    _wait_inflight(http_app)
+    sc.signal(signal.SIGTERM)
+    time.sleep(0.5)
+    assert sc.alive(), "exited on the first signal despite a request in flight"
+    t0 = time.monotonic()
+    sc.signal(signal.SIGTERM)
+    sc.wait_exit(5)
+    assert time.monotonic() - t0 < 1.5
+
+
+def test_post_shutdown_drains_and_exits_0(http_app, start_sidecar):
+    sc = start_sidecar(make_config(http_app.port, drain_timeout="10s"))
+    t, out = _in_background(http_request, sc.port("web"), "/slow?ms=1500", timeout=15)
+    _wait_inflight(http_app)
+    r = sc.admin("/shutdown", method="POST")
+    sc.stopped_by_test = True
+    assert 200 <= r.status < 300, r.status
+    wait_until(lambda: sc.ready_status() == 503, 0.5, interval=0.02, what="/ready 503 after POST /shutdown")
+    t.join(10)
+    assert out.get("result") is not None and out["result"].status == 200, out
+    assert sc.wait_exit(5) == 0
+
+
+def test_get_shutdown_is_not_allowed(web):
+    r = web.sc.admin("/shutdown")
+    assert r.status in (404, 405), r.status
+    time.sleep(0.3)
+    web.sc.assert_alive()
+    assert web.sc.ready_status() == 200
