@@ -10,12 +10,12 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::{Request, header};
 use http_body_util::Empty;
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioExecutor, TokioIo};
 use prometheus_client::metrics::gauge::Gauge;
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 
-use crate::config::Config;
+use crate::config::{Config, HttpVersion};
 use crate::drain::Readiness;
 
 /// Failed checks in a row that make a healthy app unready (what the issue and Kubernetes'
@@ -83,17 +83,33 @@ async fn check(app: &crate::config::AppConfig) -> Result<(), CheckError> {
     };
     let path = health.path.clone();
     let http_err = |source| CheckError::Http { path: path.clone(), source };
-    let (mut sender, conn) =
-        hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.map_err(http_err)?;
-    let conn_task = tokio::spawn(conn);
-    let req = Request::get(path.as_str())
-        .header(header::HOST, addr.to_string())
-        .header(header::USER_AGENT, "sidecar-health")
-        .header(header::CONNECTION, "close")
-        .body(Empty::<Bytes>::new())
-        .expect("a GET with a validated path is a valid request");
-    let resp = sender.send_request(req).await.map_err(http_err);
-    conn_task.abort();
+    let io = TokioIo::new(stream);
+    // An app that speaks only HTTP/2 (a gRPC server) is asked in HTTP/2.
+    let resp = if app.http == HttpVersion::Http2 {
+        let (mut sender, conn) =
+            hyper::client::conn::http2::handshake(TokioExecutor::new(), io).await.map_err(http_err)?;
+        let conn_task = tokio::spawn(conn);
+        let uri = format!("http://{addr}{path}");
+        let resp = sender.send_request(health_request(&uri, addr, false)).await.map_err(http_err);
+        conn_task.abort();
+        resp
+    } else {
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(io).await.map_err(http_err)?;
+        let conn_task = tokio::spawn(conn);
+        let resp = sender.send_request(health_request(&path, addr, true)).await.map_err(http_err);
+        conn_task.abort();
+        resp
+    };
     let status = resp?.status();
     if status.is_success() { Ok(()) } else { Err(CheckError::Status { path, status }) }
+}
+
+fn health_request(uri: &str, addr: std::net::SocketAddr, http1: bool) -> Request<Empty<Bytes>> {
+    let mut b = Request::get(uri).header(header::USER_AGENT, "sidecar-health");
+    if http1 {
+        b = b.header(header::HOST, addr.to_string()).header(header::CONNECTION, "close");
+    }
+    // The path was validated at config load (starts with `/`, no spaces), so the request is
+    // well formed.
+    b.body(Empty::new()).unwrap_or_default()
 }

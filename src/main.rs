@@ -55,6 +55,7 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    raise_fd_limit();
     let result = match cli.command {
         Command::Run { config } => run(config),
         Command::Check { config } => return check(config),
@@ -74,6 +75,16 @@ fn main() -> ExitCode {
         Err(e) => {
             eprintln!("sidecar: {e:#}");
             ExitCode::from(1)
+        }
+    }
+}
+
+/// Every connection is a file descriptor: lift the soft limit to the hard one, as Go and
+/// Envoy do, so 1,000 slow clients cannot starve the rest of descriptors.
+fn raise_fd_limit() {
+    if let Ok((soft, hard)) = rlimit::Resource::NOFILE.get() {
+        if soft < hard {
+            let _ = rlimit::Resource::NOFILE.set(hard, hard);
         }
     }
 }
