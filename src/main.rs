@@ -82,10 +82,10 @@ fn main() -> ExitCode {
 /// Every connection is a file descriptor: lift the soft limit to the hard one, as Go and
 /// Envoy do, so 1,000 slow clients cannot starve the rest of descriptors.
 fn raise_fd_limit() {
-    if let Ok((soft, hard)) = rlimit::Resource::NOFILE.get() {
-        if soft < hard {
-            let _ = rlimit::Resource::NOFILE.set(hard, hard);
-        }
+    if let Ok((soft, hard)) = rlimit::Resource::NOFILE.get()
+        && soft < hard
+    {
+        let _ = rlimit::Resource::NOFILE.set(hard, hard);
     }
 }
 

@@ -541,7 +541,7 @@ def make_config(
     app_port,
     *,
     health_path="/healthz",
-    app_http="auto",
+    app_http="http1",
     limits=None,
     request_timeout=None,
     extra_inbound=(),
@@ -658,11 +658,13 @@ class Sidecar:
 
     # --- logs --------------------------------------------------------------------------
     def stdout_text(self) -> str:
-        self._out.flush()
+        if not self._out.closed:
+            self._out.flush()
         return self.stdout_path.read_text(errors="replace")
 
     def stderr_text(self) -> str:
-        self._err.flush()
+        if not self._err.closed:
+            self._err.flush()
         return self.stderr_path.read_text(errors="replace")
 
     def stderr_tail(self, n=40) -> str:
