@@ -86,6 +86,8 @@ pub struct InboundConfig {
     /// Where connections go. Default `app.address`.
     pub target: SocketAddr,
     pub limits: Limits,
+    /// Terminate TLS here. `None`: plain text.
+    pub tls: Option<InboundTls>,
     /// Longest wait for the app's response headers before answering 504. Default 15s, Envoy's
     /// route timeout; 0s turns it off. Streaming bodies are not cut by it.
     #[serde(with = "duration_str")]
@@ -93,6 +95,21 @@ pub struct InboundConfig {
     /// Longest wait for a TCP connect to the target. Default 1s.
     #[serde(with = "duration_str")]
     pub connect_timeout: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct InboundTls {
+    /// PEM certificate chain, leaf first. Reloaded when the file changes.
+    pub cert: PathBuf,
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1). Only its path is ever shown.
+    pub key: PathBuf,
+    /// PEM CA bundle. Set: clients must present a certificate chaining to it (mTLS).
+    pub client_ca: Option<PathBuf>,
+    /// Client identities (SPIFFE IDs or DNS names) let through; empty: any verified client.
+    pub allowed_identities: Vec<String>,
+    /// Longest a TLS handshake may take. Default 10s.
+    #[serde(with = "duration_str")]
+    pub handshake_timeout: Duration,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -252,10 +269,20 @@ struct RawInbound {
     listen: Option<String>,
     protocol: Option<Protocol>,
     target: Option<String>,
-    tls: Option<Value>,
+    tls: Option<RawTls>,
     limits: RawLimits,
     request_timeout: Option<Scalar>,
     connect_timeout: Option<Scalar>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawTls {
+    cert: Option<PathBuf>,
+    key: Option<PathBuf>,
+    client_ca: Option<PathBuf>,
+    allowed_identities: Vec<String>,
+    handshake_timeout: Option<Scalar>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -571,9 +598,36 @@ fn validate(raw: RawConfig, problems: &mut Vec<Problem>) -> Config {
             Some(t) => cx.addr(&at("target"), Some(t), ""),
             None => app.address,
         };
-        if r.tls.is_some() {
-            cx.bad(at("tls"), "TLS termination is not in this build yet; terminate TLS in front of the sidecar or remove `tls`");
-        }
+        let tls = r.tls.map(|t| {
+            let mut file = |field: &str, v: Option<PathBuf>| {
+                v.unwrap_or_else(|| {
+                    cx.bad(at(&format!("tls.{field}")), "missing: a PEM file path");
+                    PathBuf::new()
+                })
+            };
+            let cert = file("cert", t.cert);
+            let key = file("key", t.key);
+            if !t.allowed_identities.is_empty() && t.client_ca.is_none() {
+                cx.bad(
+                    at("tls.allowed_identities"),
+                    "needs `client_ca`: without client certificates no identity is known",
+                );
+            }
+            if t.allowed_identities.iter().any(|i| i.trim().is_empty()) {
+                cx.bad(at("tls.allowed_identities"), "an identity is empty");
+            }
+            InboundTls {
+                cert,
+                key,
+                client_ca: t.client_ca,
+                allowed_identities: t.allowed_identities,
+                handshake_timeout: cx.positive_duration(
+                    &at("tls.handshake_timeout"),
+                    t.handshake_timeout.as_ref(),
+                    Duration::from_secs(10),
+                ),
+            }
+        });
         let lim = r.limits;
         let max_header_bytes = match &lim.max_header_bytes {
             None => 64 * 1024,
@@ -616,6 +670,7 @@ fn validate(raw: RawConfig, problems: &mut Vec<Problem>) -> Config {
             protocol: r.protocol.unwrap_or(Protocol::Http),
             target,
             limits,
+            tls,
             request_timeout: cx.duration(
                 &at("request_timeout"),
                 r.request_timeout.as_ref(),

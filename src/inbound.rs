@@ -9,6 +9,7 @@ mod guard;
 mod http;
 mod io;
 mod tcp;
+mod tls;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -18,21 +19,22 @@ use std::time::Duration;
 use tokio::net::{TcpListener, TcpSocket};
 use tokio::sync::{Semaphore, watch};
 
-use crate::config::{Config, HttpVersion, InboundConfig, Protocol};
+use crate::config::{Config, HttpVersion, InboundConfig, InboundTls, Protocol};
 use crate::drain::DrainWatch;
 use crate::proxy::pool::Pool;
 use crate::telemetry::metrics::{ListenerMetrics, Reject};
 use crate::telemetry::{AccessLog, Metrics};
+use crate::tls::ServerTls;
 
 /// Pending connections the kernel queues per listener (what nginx and Envoy use).
 const BACKLOG: u32 = 1024;
 
 #[derive(Debug, thiserror::Error)]
-#[error("listener {name}: bind {addr}: {source}")]
-pub struct BindError {
-    name: String,
-    addr: SocketAddr,
-    source: std::io::Error,
+pub enum ApplyError {
+    #[error("listener {name}: bind {addr}: {source}")]
+    Bind { name: String, addr: SocketAddr, source: std::io::Error },
+    #[error("listener {name}: TLS: {source}")]
+    Tls { name: String, source: crate::tls::TlsError },
 }
 
 /// Everything a connection on one listener needs; replaced whole on reload.
@@ -42,6 +44,8 @@ pub struct ListenerCtx {
     pub metrics: Arc<ListenerMetrics>,
     pub pool: Arc<Pool>,
     pub access_log: AccessLog,
+    /// TLS termination, when configured; rotated in place by `tls::server::watch`.
+    pub tls: Option<Arc<ServerTls>>,
     conn_limit: Arc<Semaphore>,
     http: http::Builders,
 }
@@ -58,22 +62,36 @@ pub struct Inbound {
     drain: DrainWatch,
     running: HashMap<SocketAddr, Running>,
     pools: HashMap<(SocketAddr, Duration), Arc<Pool>>,
+    /// Loaded TLS per listener address, reused by a reload that keeps the same files.
+    tls: HashMap<SocketAddr, Arc<ServerTls>>,
 }
 
 impl Inbound {
     pub fn new(metrics: Arc<Metrics>, access_log: AccessLog, drain: DrainWatch) -> Self {
-        Inbound { metrics, access_log, drain, running: HashMap::new(), pools: HashMap::new() }
+        Inbound {
+            metrics,
+            access_log,
+            drain,
+            running: HashMap::new(),
+            pools: HashMap::new(),
+            tls: HashMap::new(),
+        }
     }
 
-    /// Makes the running listeners match `config`. All new addresses are bound first: if
-    /// any bind fails, nothing changes and the error is returned.
-    pub fn apply(&mut self, config: &Config) -> Result<(), BindError> {
+    /// Makes the running listeners match `config`. New addresses are bound and TLS files
+    /// loaded first: if anything fails, nothing changes and the error is returned.
+    pub fn apply(&mut self, config: &Config) -> Result<(), ApplyError> {
         let mut bound = Vec::new();
+        let mut tls = HashMap::new();
         for l in &config.inbound {
             if !self.running.contains_key(&l.listen) {
                 bound.push((l.listen, bind(l)?));
             }
+            if let Some(files) = &l.tls {
+                tls.insert(l.listen, self.load_tls(l, files)?);
+            }
         }
+        self.tls = tls;
         let mut keep = Vec::with_capacity(config.inbound.len());
         for l in &config.inbound {
             keep.push(l.listen);
@@ -107,6 +125,25 @@ impl Inbound {
         Ok(())
     }
 
+    /// The listener's current TLS if its files are unchanged, else freshly loaded ones
+    /// (with a watcher for rotation).
+    fn load_tls(&self, l: &InboundConfig, files: &InboundTls) -> Result<Arc<ServerTls>, ApplyError> {
+        if let Some(current) = self.tls.get(&l.listen)
+            && current.files() == files
+        {
+            return Ok(current.clone());
+        }
+        let alpn = match l.protocol {
+            Protocol::Http => vec![b"h2".to_vec(), b"http/1.1".to_vec()],
+            Protocol::Tcp => Vec::new(),
+        };
+        let expiry = self.metrics.listener(&l.name).cert_expiry();
+        let loaded = ServerTls::load(files, alpn, expiry)
+            .map_err(|source| ApplyError::Tls { name: l.name.clone(), source })?;
+        tokio::spawn(crate::tls::server::watch(Arc::downgrade(&loaded), l.name.clone()));
+        Ok(loaded)
+    }
+
     fn ctx(&mut self, l: &InboundConfig, config: &Config) -> ListenerCtx {
         let pool = self
             .pools
@@ -119,14 +156,15 @@ impl Inbound {
             metrics: self.metrics.listener(&l.name),
             pool,
             access_log: self.access_log.clone(),
+            tls: self.tls.get(&l.listen).cloned(),
             conn_limit: Arc::new(Semaphore::new(l.limits.max_connections)),
             http: http::Builders::new(&l.limits),
         }
     }
 }
 
-fn bind(l: &InboundConfig) -> Result<TcpListener, BindError> {
-    let err = |source| BindError { name: l.name.clone(), addr: l.listen, source };
+fn bind(l: &InboundConfig) -> Result<TcpListener, ApplyError> {
+    let err = |source| ApplyError::Bind { name: l.name.clone(), addr: l.listen, source };
     let socket = if l.listen.is_ipv4() { TcpSocket::new_v4() } else { TcpSocket::new_v6() }.map_err(err)?;
     // A restarted sidecar must be able to bind while old connections sit in TIME_WAIT.
     socket.set_reuseaddr(true).map_err(err)?;
@@ -168,7 +206,7 @@ async fn accept_loop(
             ctx.metrics.open.inc();
             match ctx.config.protocol {
                 Protocol::Http => http::serve(stream, peer, ctx.clone(), drain).await,
-                Protocol::Tcp => tcp::serve(stream, peer, &ctx, drain).await,
+                Protocol::Tcp => tcp::serve(stream, peer, &ctx).await,
             }
             ctx.metrics.open.dec();
             drop(permit);

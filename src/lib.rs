@@ -11,3 +11,4 @@ pub mod health;
 pub mod inbound;
 pub mod proxy;
 pub mod telemetry;
+pub mod tls;

@@ -12,6 +12,7 @@ use sidecar::app::{self, Exit};
 use sidecar::config::{self, LogFormat};
 use sidecar::demo;
 use sidecar::telemetry::logging;
+use sidecar::tls::certs;
 
 #[derive(Parser)]
 #[command(
@@ -49,8 +50,32 @@ enum Command {
         #[arg(long, default_value = "127.0.0.1:18080")]
         app: SocketAddr,
     },
+    /// A dev CA and workload certificates, for mTLS without a mesh.
+    Certs {
+        #[command(subcommand)]
+        action: CertsCommand,
+    },
     /// Print the version, git commit and features.
     Version,
+}
+
+#[derive(Subcommand)]
+enum CertsCommand {
+    /// Write a new CA (ca.crt, and ca.key with mode 0600) into DIR.
+    Init { dir: PathBuf },
+    /// Write a workload certificate (tls.crt, tls.key with mode 0600, and ca.crt) into OUT.
+    Issue {
+        /// The CA directory written by `certs init`.
+        #[arg(long)]
+        ca: PathBuf,
+        /// The workload's SPIFFE ID, e.g. spiffe://cluster.local/ns/default/sa/web.
+        #[arg(long)]
+        spiffe: String,
+        /// DNS names the certificate also serves (repeatable).
+        #[arg(long)]
+        dns: Vec<String>,
+        out: PathBuf,
+    },
 }
 
 fn main() -> ExitCode {
@@ -60,9 +85,10 @@ fn main() -> ExitCode {
         Command::Run { config } => run(config),
         Command::Check { config } => return check(config),
         Command::Demo { listen, admin, app } => run_demo(demo::DemoAddrs { listen, admin, app }),
+        Command::Certs { action } => certs(action),
         Command::Version => {
             println!(
-                "sidecar {} (commit {})\nfeatures: http1 http2 grpc websocket tcp admin metrics access-log hot-reload",
+                "sidecar {} (commit {})\nfeatures: http1 http2 grpc websocket tcp tls mtls admin metrics access-log hot-reload",
                 env!("CARGO_PKG_VERSION"),
                 env!("SIDECAR_GIT_COMMIT"),
             );
@@ -90,8 +116,8 @@ fn raise_fd_limit() {
 }
 
 fn check(path: PathBuf) -> ExitCode {
-    match config::load(&path) {
-        Ok(_) => {
+    match config::load(&path).and_then(|c| sidecar::tls::check_files(&path, &c)) {
+        Ok(()) => {
             println!("{}: ok", path.display());
             ExitCode::SUCCESS
         }
@@ -100,6 +126,29 @@ fn check(path: PathBuf) -> ExitCode {
             ExitCode::from(1)
         }
     }
+}
+
+fn certs(action: CertsCommand) -> anyhow::Result<Exit> {
+    match action {
+        CertsCommand::Init { dir } => {
+            certs::init(&dir)?;
+            println!(
+                "wrote {} and {} (0600)",
+                dir.join(certs::CA_CERT).display(),
+                dir.join(certs::CA_KEY).display()
+            );
+        }
+        CertsCommand::Issue { ca, spiffe, dns, out } => {
+            certs::issue(&ca, &spiffe, &dns, &out)?;
+            println!(
+                "wrote {}, {} (0600) and {} for {spiffe}",
+                out.join(certs::LEAF_CERT).display(),
+                out.join(certs::LEAF_KEY).display(),
+                out.join(certs::CA_CERT).display()
+            );
+        }
+    }
+    Ok(Exit::Drained)
 }
 
 fn run(path: PathBuf) -> anyhow::Result<Exit> {

@@ -27,10 +27,14 @@ use super::io::{DetectError, Detected, ServerIo, detect};
 use crate::config::{HttpVersion, Limits};
 use crate::drain::DrainWatch;
 use crate::proxy::body::{BodyStats, OnEnd, RequestBody, ResponseBody};
-use crate::proxy::headers::{Forwarding, strip_hop_by_hop, to_absolute_form, to_origin_form, wants_upgrade};
+use crate::proxy::headers::{
+    Forwarding, X_CLIENT_IDENTITY, X_FORWARDED_CLIENT_CERT, strip_hop_by_hop, to_absolute_form,
+    to_origin_form, wants_upgrade,
+};
 use crate::proxy::pool::{PooledH1, Proto};
 use crate::telemetry::access_log::{AccessRecord, trace_id};
 use crate::telemetry::metrics::Reject;
+use crate::tls::PeerIdentity;
 
 type Body = ResponseBody<RequestEnd>;
 
@@ -78,6 +82,11 @@ struct Conn {
     state: Arc<ConnState>,
     forwarding: Forwarding,
     drain: DrainWatch,
+    /// The verified client, on mTLS listeners.
+    identity: Option<Arc<PeerIdentity>>,
+    /// False when `tls.allowed_identities` does not include the client: every request on
+    /// the connection gets 403.
+    allowed: bool,
 }
 
 /// How a supervised connection ended, when not by hyper.
@@ -88,6 +97,27 @@ enum Ended {
 
 pub async fn serve(stream: TcpStream, peer: SocketAddr, ctx: Arc<ListenerCtx>, drain: DrainWatch) {
     let _ = stream.set_nodelay(true);
+    let Some(tls) = ctx.tls.clone() else {
+        return serve_plain(stream, peer, ctx, drain).await;
+    };
+    let Some(accepted) = super::tls::accept(stream, &tls, &ctx, peer).await else {
+        return;
+    };
+    let allowed = super::tls::allowed(&tls, accepted.identity.as_deref());
+    let protocol = if accepted.h2 { Detected::Http2 } else { Detected::Http1 };
+    let conn = Conn {
+        listener: ctx.clone(),
+        peer,
+        state: ConnState::new(),
+        forwarding: Forwarding::new(peer.ip(), true),
+        drain: drain.clone(),
+        identity: accepted.identity,
+        allowed,
+    };
+    serve_http(accepted.stream, protocol, conn).await;
+}
+
+async fn serve_plain(stream: TcpStream, peer: SocketAddr, ctx: Arc<ListenerCtx>, drain: DrainWatch) {
     let limits = &ctx.config.limits;
     let detected = match detect(&stream, limits.header_read_timeout).await {
         Ok(Detected::Closed) => return,
@@ -101,14 +131,29 @@ pub async fn serve(stream: TcpStream, peer: SocketAddr, ctx: Arc<ListenerCtx>, d
             return;
         }
     };
-    let state = ConnState::new();
-    let conn = Arc::new(Conn {
+    let conn = Conn {
         listener: ctx.clone(),
         peer,
-        state: state.clone(),
+        state: ConnState::new(),
         forwarding: Forwarding::new(peer.ip(), false),
-        drain: drain.clone(),
-    });
+        drain,
+        identity: None,
+        allowed: true,
+    };
+    serve_http(stream, detected, conn).await;
+}
+
+/// Serves HTTP on an established (plain or TLS) connection until it closes.
+async fn serve_http<S>(stream: S, detected: Detected, conn: Conn)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let state = conn.state.clone();
+    let ctx = conn.listener.clone();
+    let drain = conn.drain.clone();
+    let peer = conn.peer;
+    let limits = &ctx.config.limits;
+    let conn = Arc::new(conn);
     let svc = service_fn(move |req| {
         let conn = conn.clone();
         async move { Ok::<_, Infallible>(handle(req, conn).await) }
@@ -257,6 +302,7 @@ impl OnEnd for RequestEnd {
                 bytes_in: self.req_stats.map_or(0, |s| s.bytes.load(Ordering::Relaxed)),
                 bytes_out,
                 peer: conn.peer,
+                peer_identity: conn.identity.as_ref().map(|i| i.id.clone()),
                 trace_id: self.trace_id,
                 error: self.error.or((!complete).then_some("response_incomplete")),
             });
@@ -283,6 +329,15 @@ async fn handle(mut req: Request<Incoming>, conn: Arc<Conn>) -> Response<Body> {
     };
     let l = &conn.listener;
 
+    if !conn.allowed {
+        l.metrics.reject(Reject::IdentityNotAllowed);
+        return local_reply(
+            end,
+            StatusCode::FORBIDDEN,
+            "client identity not allowed\n",
+            "identity_not_allowed",
+        );
+    }
     if req.method() == Method::CONNECT {
         return local_reply(
             end,
@@ -300,6 +355,13 @@ async fn handle(mut req: Request<Incoming>, conn: Arc<Conn>) -> Response<Body> {
     // when the app's connection is ready for it.
     parts.headers.remove(header::EXPECT);
     conn.forwarding.apply(&mut parts.headers);
+    // Only this hop may say who the client is: whatever the client claimed goes first.
+    parts.headers.remove(&X_FORWARDED_CLIENT_CERT);
+    parts.headers.remove(&X_CLIENT_IDENTITY);
+    if let Some(id) = &conn.identity {
+        parts.headers.insert(X_FORWARDED_CLIENT_CERT.clone(), id.xfcc.clone());
+        parts.headers.insert(X_CLIENT_IDENTITY.clone(), id.header.clone());
+    }
     let proto = match (upgrade, l.app_http, version) {
         (true, _, _) | (false, HttpVersion::Http1, _) => Proto::Http1,
         (false, HttpVersion::Http2, _) => Proto::Http2,

@@ -16,21 +16,21 @@ use super::guard::{ConnState, Guard, POISON};
 /// The HTTP/2 connection preface (RFC 9113 §3.4).
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
-pub struct ServerIo {
-    inner: TcpStream,
+pub struct ServerIo<S> {
+    inner: S,
     guard: Option<Guard>,
     /// Bytes of `POISON` still to hand to hyper after a refusal; then end of stream.
     poison: Option<&'static [u8]>,
     state: Arc<ConnState>,
 }
 
-impl ServerIo {
-    pub fn new(inner: TcpStream, guard: Option<Guard>, state: Arc<ConnState>) -> Self {
+impl<S> ServerIo<S> {
+    pub fn new(inner: S, guard: Option<Guard>, state: Arc<ConnState>) -> Self {
         ServerIo { inner, guard, poison: None, state }
     }
 }
 
-impl AsyncRead for ServerIo {
+impl<S: AsyncRead + Unpin> AsyncRead for ServerIo<S> {
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -63,7 +63,7 @@ impl AsyncRead for ServerIo {
     }
 }
 
-impl AsyncWrite for ServerIo {
+impl<S: AsyncWrite + Unpin> AsyncWrite for ServerIo<S> {
     fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
         self.state.activity.fetch_add(1, Ordering::Relaxed);
         Pin::new(&mut self.inner).poll_write(cx, buf)

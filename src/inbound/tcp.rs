@@ -6,12 +6,29 @@
 
 use std::net::SocketAddr;
 
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 
 use super::ListenerCtx;
-use crate::drain::DrainWatch;
+use crate::telemetry::metrics::Reject;
 
-pub async fn serve(mut client: TcpStream, peer: SocketAddr, ctx: &ListenerCtx, _drain: DrainWatch) {
+pub async fn serve(client: TcpStream, peer: SocketAddr, ctx: &ListenerCtx) {
+    let _ = client.set_nodelay(true);
+    let Some(tls) = &ctx.tls else {
+        return forward(client, peer, ctx).await;
+    };
+    let Some(accepted) = super::tls::accept(client, tls, ctx, peer).await else {
+        return;
+    };
+    if !super::tls::allowed(tls, accepted.identity.as_deref()) {
+        ctx.metrics.reject(Reject::IdentityNotAllowed);
+        tracing::info!(%peer, identity = accepted.identity.as_ref().map(|i| &*i.id), "client identity not allowed; closing");
+        return;
+    }
+    forward(accepted.stream, peer, ctx).await;
+}
+
+async fn forward<S: AsyncRead + AsyncWrite + Unpin>(mut client: S, peer: SocketAddr, ctx: &ListenerCtx) {
     let target = ctx.config.target;
     let connect = tokio::time::timeout(ctx.config.connect_timeout, TcpStream::connect(target)).await;
     let mut upstream = match connect {
@@ -25,7 +42,6 @@ pub async fn serve(mut client: TcpStream, peer: SocketAddr, ctx: &ListenerCtx, _
             return;
         }
     };
-    let _ = client.set_nodelay(true);
     let _ = upstream.set_nodelay(true);
     // The drain lets open TCP connections run until `shutdown.drain_timeout`: the sidecar
     // cannot know where a message boundary of an opaque protocol is.

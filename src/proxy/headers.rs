@@ -9,6 +9,8 @@ static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection"
 pub static FORWARDED: HeaderName = HeaderName::from_static("forwarded");
 pub static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 pub static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+pub static X_FORWARDED_CLIENT_CERT: HeaderName = HeaderName::from_static("x-forwarded-client-cert");
+pub static X_CLIENT_IDENTITY: HeaderName = HeaderName::from_static("x-client-identity");
 
 /// Removes the headers that describe one connection, not the message: those named in
 /// `Connection`, and the fixed list of RFC 9110 §7.6.1. `TE: trailers` survives because gRPC

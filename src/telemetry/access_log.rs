@@ -34,6 +34,7 @@ pub struct AccessRecord {
     pub bytes_in: u64,
     pub bytes_out: u64,
     pub peer: SocketAddr,
+    pub peer_identity: Option<Arc<str>>,
     pub trace_id: Option<Box<str>>,
     pub error: Option<&'static str>,
 }
@@ -139,7 +140,7 @@ fn write_record(out: &mut impl Write, r: &AccessRecord) -> std::io::Result<()> {
         bytes_in: r.bytes_in,
         bytes_out: r.bytes_out,
         peer: r.peer.to_string(),
-        peer_identity: None,
+        peer_identity: r.peer_identity.as_deref(),
         trace_id: r.trace_id.as_deref(),
         upstream: None,
         error: r.error,
@@ -189,6 +190,7 @@ mod tests {
             bytes_in: 3,
             bytes_out: 4,
             peer: "127.0.0.1:5555".parse().unwrap(),
+            peer_identity: None,
             trace_id: Some("4bf92f3577b34da6a3ce929d0e0e4736".into()),
             error: None,
         };

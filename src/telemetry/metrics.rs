@@ -29,6 +29,12 @@ pub struct RejectLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct HandshakeLabels {
+    pub listener: String,
+    pub result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ResultLabels {
     pub result: &'static str,
 }
@@ -50,8 +56,9 @@ pub enum Reject {
     Malformed,
     /// HTTP/2 abuse: rapid reset, CONTINUATION flood, protocol errors (GOAWAY).
     Http2Protocol,
-    /// No request head before the idle timeout.
-    Idle,
+    /// A verified client whose identity is not in `tls.allowed_identities` (403, or the
+    /// TCP connection closed).
+    IdentityNotAllowed,
 }
 
 impl Reject {
@@ -63,7 +70,7 @@ impl Reject {
             Reject::Smuggling => "smuggling",
             Reject::Malformed => "malformed",
             Reject::Http2Protocol => "http2_protocol",
-            Reject::Idle => "idle_timeout",
+            Reject::IdentityNotAllowed => "identity_not_allowed",
         }
     }
 }
@@ -126,6 +133,8 @@ pub struct Metrics {
     inbound_duration: Family<ListenerLabels, LatencyHistogram>,
     inbound_open: Family<ListenerLabels, Gauge>,
     inbound_rejected: Family<RejectLabels, Counter>,
+    tls_handshakes: Family<HandshakeLabels, Counter>,
+    tls_expiry: Family<ListenerLabels, Gauge>,
     pub app_ready: Gauge,
     config_reloads: Family<ResultLabels, Counter>,
     pub access_log_dropped: Counter,
@@ -154,6 +163,18 @@ impl Metrics {
             "Connections and requests refused, by reason",
             inbound_rejected.clone(),
         );
+        let tls_handshakes = Family::<HandshakeLabels, Counter>::default();
+        registry.register(
+            "tls_handshakes",
+            "TLS handshakes on inbound listeners, by result",
+            tls_handshakes.clone(),
+        );
+        let tls_expiry = Family::<ListenerLabels, Gauge>::default();
+        registry.register(
+            "tls_cert_expiry_timestamp_seconds",
+            "When the listener's serving certificate expires (Unix time)",
+            tls_expiry.clone(),
+        );
         let app_ready = Gauge::default();
         registry.register("app_ready", "1 when the app passes its health check", app_ready.clone());
         let config_reloads = Family::<ResultLabels, Counter>::default();
@@ -170,6 +191,8 @@ impl Metrics {
             inbound_duration,
             inbound_open,
             inbound_rejected,
+            tls_handshakes,
+            tls_expiry,
             app_ready,
             config_reloads,
             access_log_dropped,
@@ -227,6 +250,18 @@ impl ListenerMetrics {
     fn status_counter(&self, status: u16) -> Counter {
         let labels = StatusLabels { listener: self.name.to_string(), status_code: status.to_string() };
         self.metrics.inbound_requests.get_or_create(&labels).clone()
+    }
+
+    /// The certificate expiry gauge; created on first use, so only TLS listeners have one.
+    pub fn cert_expiry(&self) -> Gauge {
+        let labels = ListenerLabels { listener: self.name.to_string() };
+        self.metrics.tls_expiry.get_or_create(&labels).clone()
+    }
+
+    /// A TLS handshake ended: `success`, or why not.
+    pub fn handshake(&self, result: &'static str) {
+        let labels = HandshakeLabels { listener: self.name.to_string(), result };
+        self.metrics.tls_handshakes.get_or_create(&labels).inc();
     }
 
     pub fn reject(&self, reason: Reject) {

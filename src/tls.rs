@@ -1,0 +1,32 @@
+//! TLS: server configs for inbound listeners (with file-watching rotation), the peer's
+//! workload identity, and the dev CA behind `sidecar certs`.
+//!
+//! rustls with the ring provider: TLS 1.3 and 1.2 only, and only its default suites, which
+//! are all AEAD with forward secrecy. Private keys are read into rustls and nowhere else:
+//! not into the config, logs, errors or `/config`.
+
+pub mod certs;
+pub mod identity;
+pub mod server;
+
+pub use identity::PeerIdentity;
+pub use server::{ServerTls, TlsError};
+
+use crate::config::{Config, ConfigError, Problem};
+
+/// Loads every listener's TLS files the way `run` would, for `sidecar check`: each problem
+/// names the field and the file.
+pub fn check_files(file: &std::path::Path, config: &Config) -> Result<(), ConfigError> {
+    let problems: Vec<Problem> = config
+        .inbound
+        .iter()
+        .enumerate()
+        .filter_map(|(i, l)| {
+            let tls = l.tls.as_ref()?;
+            server::check(tls)
+                .err()
+                .map(|e| Problem { path: format!("inbound[{i}].tls"), message: e.to_string() })
+        })
+        .collect();
+    if problems.is_empty() { Ok(()) } else { Err(ConfigError { file: file.to_owned(), problems }) }
+}

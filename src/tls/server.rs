@@ -1,0 +1,219 @@
+//! One listener's TLS: the rustls server config built from the cert, key and CA files, and
+//! its rotation when those files change.
+//!
+//! cert-manager and Kubernetes Secret volumes replace files by swapping a symlink, so the
+//! files are polled by content once a second rather than watched. A change builds a whole new
+//! config; new handshakes use it, established connections keep theirs. A broken new file
+//! (bad PEM, a key that does not match, an expired certificate) is logged with its name and
+//! the old material stays in use.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Weak};
+use std::time::{Duration, SystemTime};
+
+use arc_swap::ArcSwap;
+use prometheus_client::metrics::gauge::Gauge;
+use rustls::server::{ProducesTickets, ServerSessionMemoryCache, StoresServerSessions, WebPkiClientVerifier};
+use rustls::{RootCertStore, ServerConfig};
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use tokio_rustls::TlsAcceptor;
+use x509_parser::prelude::{FromDer, X509Certificate};
+
+use crate::config::InboundTls;
+
+/// How often the files are compared with what is loaded.
+const POLL: Duration = Duration::from_secs(1);
+/// TLS 1.2 sessions remembered for resumption by session ID (TLS 1.3 uses tickets).
+const SESSION_CACHE: usize = 4096;
+
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("{path}: cannot read: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("{path}: no PEM certificate found")]
+    NoCert { path: PathBuf },
+    #[error("{path}: not a PEM certificate: {reason}")]
+    BadPem { path: PathBuf, reason: String },
+    // The reason comes from the PEM decoder and names what is missing; key bytes are never
+    // part of an error.
+    #[error("{path}: no usable PEM private key (PKCS#8, PKCS#1 or SEC1): {reason}")]
+    BadKey { path: PathBuf, reason: String },
+    #[error("{path}: not a valid X.509 certificate")]
+    BadCert { path: PathBuf },
+    #[error("{path}: the certificate expired at {when}")]
+    Expired { path: PathBuf, when: String },
+    #[error("{path}: the certificate is not valid until {when}")]
+    NotYetValid { path: PathBuf, when: String },
+    #[error("{key}: the private key does not match the certificate in {cert}")]
+    Mismatch { key: PathBuf, cert: PathBuf },
+    #[error("{path}: not usable as a client CA: {reason}")]
+    Ca { path: PathBuf, reason: String },
+    #[error("building the TLS config: {0}")]
+    Rustls(rustls::Error),
+}
+
+/// The loaded files, as they were read.
+struct Snapshot {
+    bytes: Vec<Vec<u8>>,
+}
+
+/// A listener's TLS state: the current config and what it was built from.
+pub struct ServerTls {
+    files: InboundTls,
+    alpn: Vec<Vec<u8>>,
+    current: ArcSwap<ServerConfig>,
+    /// Kept across rotations so clients can resume sessions made before a rotation.
+    sessions: Arc<dyn StoresServerSessions>,
+    ticketer: Arc<dyn ProducesTickets>,
+    expiry: Gauge,
+}
+
+impl ServerTls {
+    /// Reads and checks the files and builds the config. `alpn` is what the listener speaks
+    /// (`h2`, `http/1.1`), empty for TCP.
+    pub fn load(files: &InboundTls, alpn: Vec<Vec<u8>>, expiry: Gauge) -> Result<Arc<Self>, TlsError> {
+        let sessions: Arc<dyn StoresServerSessions> = ServerSessionMemoryCache::new(SESSION_CACHE);
+        let ticketer = rustls::crypto::ring::Ticketer::new().map_err(TlsError::Rustls)?;
+        let (config, not_after) = build(files, &alpn, &sessions, &ticketer)?;
+        expiry.set(not_after);
+        Ok(Arc::new(ServerTls {
+            files: files.clone(),
+            alpn,
+            current: ArcSwap::from_pointee(config),
+            sessions,
+            ticketer,
+            expiry,
+        }))
+    }
+
+    pub fn files(&self) -> &InboundTls {
+        &self.files
+    }
+
+    /// An acceptor with the current material.
+    pub fn acceptor(&self) -> TlsAcceptor {
+        TlsAcceptor::from(self.current.load_full())
+    }
+
+    /// Rebuilds from the files; on error the current config stays.
+    fn reload(&self) -> Result<(), TlsError> {
+        let (config, not_after) = build(&self.files, &self.alpn, &self.sessions, &self.ticketer)?;
+        self.current.store(Arc::new(config));
+        self.expiry.set(not_after);
+        Ok(())
+    }
+}
+
+/// Polls the files of `tls` and reloads when their bytes change. Ends when the listener
+/// drops its `ServerTls` (a reload replaced it, or the process is exiting).
+pub async fn watch(tls: Weak<ServerTls>, listener: String) {
+    let mut last = match tls.upgrade() {
+        Some(t) => read_all(&t.files),
+        None => return,
+    };
+    loop {
+        tokio::time::sleep(POLL).await;
+        let Some(t) = tls.upgrade() else { return };
+        let now = read_all(&t.files);
+        if now.bytes == last.bytes {
+            continue;
+        }
+        // A writer may be half-way through replacing several files: wait a moment and read
+        // again, so a cert is not paired with the previous key.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let settled = read_all(&t.files);
+        match t.reload() {
+            Ok(()) => tracing::info!(%listener, cert = %t.files.cert.display(), "TLS material rotated"),
+            Err(e) => {
+                tracing::error!(%listener, error = %e, "TLS files changed but cannot be used; keeping the current ones")
+            }
+        }
+        // Either way, wait for the next change rather than retrying the same broken bytes.
+        last = settled;
+    }
+}
+
+fn read_all(files: &InboundTls) -> Snapshot {
+    let paths = [Some(&files.cert), Some(&files.key), files.client_ca.as_ref()];
+    Snapshot { bytes: paths.into_iter().flatten().map(|p| std::fs::read(p).unwrap_or_default()).collect() }
+}
+
+fn read(path: &Path) -> Result<Vec<u8>, TlsError> {
+    std::fs::read(path).map_err(|source| TlsError::Read { path: path.to_owned(), source })
+}
+
+fn certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let pem = read(path)?;
+    let certs = CertificateDer::pem_slice_iter(&pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| TlsError::BadPem { path: path.to_owned(), reason: e.to_string() })?;
+    if certs.is_empty() {
+        return Err(TlsError::NoCert { path: path.to_owned() });
+    }
+    Ok(certs)
+}
+
+/// Checks the leaf's validity period; returns its expiry as a Unix timestamp.
+fn check_validity(path: &Path, leaf: &CertificateDer<'_>) -> Result<i64, TlsError> {
+    let (_, cert) =
+        X509Certificate::from_der(leaf.as_ref()).map_err(|_| TlsError::BadCert { path: path.to_owned() })?;
+    let validity = cert.validity();
+    let now = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64);
+    if validity.not_after.timestamp() < now {
+        return Err(TlsError::Expired { path: path.to_owned(), when: validity.not_after.to_string() });
+    }
+    if validity.not_before.timestamp() > now {
+        return Err(TlsError::NotYetValid { path: path.to_owned(), when: validity.not_before.to_string() });
+    }
+    Ok(validity.not_after.timestamp())
+}
+
+/// Checks the files without building a server: what `sidecar check` runs.
+pub fn check(files: &InboundTls) -> Result<(), TlsError> {
+    let sessions: Arc<dyn StoresServerSessions> = ServerSessionMemoryCache::new(1);
+    let ticketer = rustls::crypto::ring::Ticketer::new().map_err(TlsError::Rustls)?;
+    build(files, &[], &sessions, &ticketer).map(|_| ())
+}
+
+fn build(
+    files: &InboundTls,
+    alpn: &[Vec<u8>],
+    sessions: &Arc<dyn StoresServerSessions>,
+    ticketer: &Arc<dyn ProducesTickets>,
+) -> Result<(ServerConfig, i64), TlsError> {
+    let chain = certs(&files.cert)?;
+    let not_after = check_validity(&files.cert, &chain[0])?;
+    let key_pem = read(&files.key)?;
+    let key = PrivateKeyDer::from_pem_slice(&key_pem)
+        .map_err(|e| TlsError::BadKey { path: files.key.clone(), reason: e.to_string() })?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = ServerConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+        .map_err(TlsError::Rustls)?;
+    let builder = match &files.client_ca {
+        None => builder.with_no_client_auth(),
+        Some(ca_path) => {
+            let mut roots = RootCertStore::empty();
+            for ca in certs(ca_path)? {
+                roots.add(ca).map_err(|e| TlsError::Ca { path: ca_path.clone(), reason: e.to_string() })?;
+            }
+            let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
+                .build()
+                .map_err(|e| TlsError::Ca { path: ca_path.clone(), reason: e.to_string() })?;
+            builder.with_client_cert_verifier(verifier)
+        }
+    };
+    let mut config = builder.with_single_cert(chain, key).map_err(|e| match e {
+        rustls::Error::InconsistentKeys(_) => {
+            TlsError::Mismatch { key: files.key.clone(), cert: files.cert.clone() }
+        }
+        other => TlsError::Rustls(other),
+    })?;
+    config.alpn_protocols = alpn.to_vec();
+    config.session_storage = sessions.clone();
+    config.ticketer = ticketer.clone();
+    // One ticket per handshake: enough to resume, and each costs an encryption.
+    config.send_tls13_tickets = 1;
+    Ok((config, not_after))
+}
