@@ -24,8 +24,29 @@ use crate::config::{self, Config};
 /// Addresses the demo uses; flags override them.
 pub struct DemoAddrs {
     pub listen: SocketAddr,
+    pub https: SocketAddr,
+    pub mtls: SocketAddr,
     pub admin: SocketAddr,
     pub app: SocketAddr,
+    /// Where the demo's CA and certificates are written (replaced at every start).
+    pub certs: std::path::PathBuf,
+}
+
+/// The identity of the demo's client certificate, the only one the mTLS listener lets in.
+const CLIENT_ID: &str = "spiffe://cluster.local/ns/demo/sa/client";
+
+/// Writes a fresh dev CA, a server certificate for localhost and 127.0.0.1, and a client
+/// certificate, with the same code as `sidecar certs`.
+pub fn make_certs(addrs: &DemoAddrs) -> Result<(), crate::tls::certs::CertsError> {
+    use crate::tls::certs;
+    let dir = &addrs.certs;
+    if dir.exists() {
+        std::fs::remove_dir_all(dir).map_err(|source| certs::CertsError::Io { path: dir.clone(), source })?;
+    }
+    certs::init(&dir.join("ca"))?;
+    let dns = ["localhost".to_owned(), "127.0.0.1".to_owned()];
+    certs::issue(&dir.join("ca"), "spiffe://cluster.local/ns/demo/sa/app", &dns, &dir.join("server"))?;
+    certs::issue(&dir.join("ca"), CLIENT_ID, &[], &dir.join("client"))
 }
 
 /// The demo's config, as a user would write it.
@@ -42,6 +63,16 @@ inbound:
     listen: {listen}
     protocol: http
     request_timeout: 5s
+  - name: web-tls
+    listen: {https}
+    tls: {{ cert: {certs}/server/tls.crt, key: {certs}/server/tls.key }}
+  - name: web-mtls
+    listen: {mtls}
+    tls:
+      cert: {certs}/server/tls.crt
+      key: {certs}/server/tls.key
+      client_ca: {certs}/ca/ca.crt
+      allowed_identities: [\"{client_id}\"]
 telemetry:
   log_level: info
   access_log: {{ enabled: true, format: json, path: stdout }}
@@ -51,6 +82,10 @@ shutdown:
         admin = addrs.admin,
         app = addrs.app,
         listen = addrs.listen,
+        https = addrs.https,
+        mtls = addrs.mtls,
+        certs = addrs.certs.display(),
+        client_id = CLIENT_ID,
     )
 }
 
@@ -81,6 +116,9 @@ Sidecar demo: a sidecar on {listen} in front of a demo app on {app}.
 Try these (the access log appears below, one JSON line per request):
   curl -i {base}/
   curl -i --http2-prior-knowledge {base}/
+  curl -i --cacert {certs}/ca/ca.crt https://localhost:{https_port}/
+  curl -i --cacert {certs}/ca/ca.crt --cert {certs}/client/tls.crt --key {certs}/client/tls.key https://localhost:{mtls_port}/
+  curl -i --cacert {certs}/ca/ca.crt https://localhost:{mtls_port}/     (refused: no client certificate)
   curl -i -X POST --data 'hello sidecar' {base}/echo
   curl -i {base}/slow?ms=1500
   curl -i {base}/status/503
@@ -95,6 +133,9 @@ Ctrl-C drains and exits.
 ",
         listen = addrs.listen,
         app = addrs.app,
+        certs = addrs.certs.display(),
+        https_port = addrs.https.port(),
+        mtls_port = addrs.mtls.port(),
         config = config_text(addrs).lines().map(|l| format!("  {l}\n")).collect::<String>(),
     )
 }

@@ -43,6 +43,12 @@ enum Command {
         /// Where the sidecar listens.
         #[arg(long, default_value = "127.0.0.1:15006")]
         listen: SocketAddr,
+        /// Where the sidecar serves HTTPS.
+        #[arg(long, default_value = "127.0.0.1:15443")]
+        https: SocketAddr,
+        /// Where the sidecar serves HTTPS with client certificates required (mTLS).
+        #[arg(long, default_value = "127.0.0.1:15444")]
+        mtls: SocketAddr,
         /// Where the admin server listens (/metrics, /ready, ...).
         #[arg(long, default_value = "127.0.0.1:15000")]
         admin: SocketAddr,
@@ -84,7 +90,10 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Run { config } => run(config),
         Command::Check { config } => return check(config),
-        Command::Demo { listen, admin, app } => run_demo(demo::DemoAddrs { listen, admin, app }),
+        Command::Demo { listen, https, mtls, admin, app } => {
+            let certs = std::env::temp_dir().join(format!("sidecar-demo-{}", listen.port()));
+            run_demo(demo::DemoAddrs { listen, https, mtls, admin, app, certs })
+        }
         Command::Certs { action } => certs(action),
         Command::Version => {
             println!(
@@ -158,6 +167,7 @@ fn run(path: PathBuf) -> anyhow::Result<Exit> {
 }
 
 fn run_demo(addrs: demo::DemoAddrs) -> anyhow::Result<Exit> {
+    demo::make_certs(&addrs).context("writing the demo's certificates")?;
     let config = demo::config(&addrs)?;
     let log = logging::init(&config.telemetry.log_level, LogFormat::Text)?;
     demo::start_app(addrs.app).with_context(|| format!("starting the demo app on {}", addrs.app))?;
