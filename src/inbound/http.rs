@@ -225,10 +225,15 @@ async fn supervise<C: Future<Output = Result<(), hyper::Error>>>(
     let mut last_activity = state.activity.load(Ordering::Relaxed);
     let mut last_change = Instant::now();
     let mut shutting_down = false;
+    // Made once and kept: polling it again while nothing changed is an atomic load, where a
+    // fresh `signaled()` per wake-up would take the watch's lock on every request.
+    let mut drained = std::pin::pin!(drain.signaled());
     loop {
         tokio::select! {
+            // The connection first, and in a fixed order: no random branch choice per poll.
+            biased;
             res = conn.as_mut() => return res.map(|()| Ended::Done),
-            _ = drain.signaled(), if !shutting_down => {
+            _ = &mut drained, if !shutting_down => {
                 shutting_down = true;
                 shut_down(conn.as_mut());
             }
