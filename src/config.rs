@@ -41,8 +41,9 @@ pub struct AdminConfig {
 pub enum HttpVersion {
     Http1,
     Http2,
-    /// Speak to the app in the protocol the client used (what Linkerd's inbound does): gRPC
-    /// stays HTTP/2, curl's HTTP/1.1 stays HTTP/1.1.
+    /// What the app speaks: HTTP/2 clients stay on HTTP/2 when the app answers an HTTP/2
+    /// PING (gRPC servers, h2c-capable servers), and are translated to HTTP/1.1 when it does
+    /// not; HTTP/1.1 clients stay on HTTP/1.1.
     Auto,
 }
 

@@ -367,11 +367,13 @@ async fn handle(mut req: Request<Incoming>, conn: Arc<Conn>) -> Response<Body> {
         parts.headers.insert(X_FORWARDED_CLIENT_CERT.clone(), id.xfcc.clone());
         parts.headers.insert(X_CLIENT_IDENTITY.clone(), id.header.clone());
     }
-    let proto = match (upgrade, l.app_http, version) {
-        (true, _, _) | (false, HttpVersion::Http1, _) => Proto::Http1,
-        (false, HttpVersion::Http2, _) => Proto::Http2,
-        (false, HttpVersion::Auto, v) if v == Version::HTTP_2 => Proto::Http2,
-        (false, HttpVersion::Auto, _) => Proto::Http1,
+    let proto = match (upgrade, l.app_http) {
+        (true, _) | (false, HttpVersion::Http1) => Proto::Http1,
+        (false, HttpVersion::Http2) => Proto::Http2,
+        // What the app speaks: an HTTP/2 client keeps HTTP/2 when the app has it (gRPC),
+        // and is translated to HTTP/1.1 when it has not.
+        (false, HttpVersion::Auto) if version == Version::HTTP_2 && l.pool.speaks_h2().await => Proto::Http2,
+        (false, HttpVersion::Auto) => Proto::Http1,
     };
     match proto {
         Proto::Http1 => {

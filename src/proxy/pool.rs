@@ -8,6 +8,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwapOption;
@@ -23,6 +24,14 @@ use super::body::RequestBody;
 /// Idle HTTP/1.1 connections kept per upstream. Enough for the 64–256 concurrent clients of
 /// a busy pod; beyond it, connections are closed after use rather than hoarded.
 const MAX_IDLE: usize = 256;
+/// How long the HTTP/2 probe waits for the app's PONG. A local app answers in microseconds;
+/// an HTTP/1-only one fails at once; this bounds a silent one.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
+
+const H2_UNKNOWN: u8 = 0;
+const H2_YES: u8 = 1;
+const H2_NO: u8 = 2;
+
 /// Idle connections older than this are closed instead of reused: below the 60 s or more
 /// most servers keep idle keep-alive connections, so we rarely reuse one mid-close.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(50);
@@ -72,6 +81,8 @@ pub struct Pool {
     h2: ArcSwapOption<http2::SendRequest<RequestBody>>,
     /// Single-flight for HTTP/2 connects: a burst of requests opens one connection, not many.
     h2_connect: tokio::sync::Mutex<()>,
+    /// Whether the upstream speaks HTTP/2 with prior knowledge (`H2_*`), once probed.
+    h2_support: AtomicU8,
 }
 
 /// An HTTP/1.1 connection lent to one request; `release` returns it for reuse.
@@ -98,11 +109,39 @@ impl Pool {
             idle: Arc::new(ArrayQueue::new(MAX_IDLE)),
             h2: ArcSwapOption::empty(),
             h2_connect: tokio::sync::Mutex::new(()),
+            h2_support: AtomicU8::new(H2_UNKNOWN),
         }
     }
 
     pub fn addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// Whether the upstream speaks HTTP/2 (for `http: auto`). Learned once, by a PING on an
+    /// HTTP/2 connection: an HTTP/2 server answers with a PONG, an HTTP/1-only one fails the
+    /// preface. Nothing reaches the app's handlers. While the app cannot be reached the
+    /// answer is "yes", so the request fails as it would have anyway and the probe runs again.
+    pub async fn speaks_h2(&self) -> bool {
+        match self.h2_support.load(Ordering::Relaxed) {
+            H2_YES => return true,
+            H2_NO => return false,
+            _ => {}
+        }
+        let _one = self.h2_connect.lock().await;
+        if self.h2_support.load(Ordering::Relaxed) == H2_UNKNOWN {
+            let Ok(io) = self.connect().await else { return true };
+            let verdict = match tokio::time::timeout(PROBE_TIMEOUT, probe_h2(io.into_inner())).await {
+                Ok(true) => H2_YES,
+                _ => H2_NO,
+            };
+            tracing::info!(
+                app = %self.addr,
+                http2 = verdict == H2_YES,
+                "probed the app for HTTP/2 (app.http: auto)"
+            );
+            self.h2_support.store(verdict, Ordering::Relaxed);
+        }
+        self.h2_support.load(Ordering::Relaxed) == H2_YES
     }
 
     /// Sends `req` and returns the response head; for HTTP/1.1 also the connection, to be
@@ -235,5 +274,16 @@ impl Pool {
         });
         self.h2.store(Some(Arc::new(sender.clone())));
         Ok(sender)
+    }
+}
+
+/// True when the peer completes an HTTP/2 handshake and answers a PING.
+async fn probe_h2(io: TcpStream) -> bool {
+    let Ok((_send, mut conn)) = h2::client::handshake(io).await else { return false };
+    let Some(mut ping_pong) = conn.ping_pong() else { return false };
+    tokio::select! {
+        pong = ping_pong.ping(h2::Ping::opaque()) => pong.is_ok(),
+        // The connection future only ends early when the peer breaks the protocol.
+        _ = conn => false,
     }
 }

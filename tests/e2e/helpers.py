@@ -16,7 +16,7 @@ import sys
 import tempfile
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
@@ -122,12 +122,12 @@ class CurlResult:
     stderr: str
 
 
-def curl(*args, timeout=30.0, input=None) -> CurlResult:
+def curl(*args, timeout=30.0, input=None, stdin=None) -> CurlResult:
     """Runs curl for one URL; body and headers go to temp files, -w '%{json}' to stdout."""
     with tempfile.TemporaryDirectory() as d:
         body_f, head_f = Path(d) / "body", Path(d) / "head"
         cmd = ["curl", "-sS", "--noproxy", "*", "-o", str(body_f), "-D", str(head_f), "-w", "%{json}", *map(str, args)]
-        p = subprocess.run(cmd, capture_output=True, timeout=timeout, input=input)
+        p = subprocess.run(cmd, capture_output=True, timeout=timeout, input=input, stdin=stdin)
         raw = head_f.read_text(errors="replace") if head_f.exists() else ""
         body = body_f.read_bytes() if body_f.exists() else b""
     try:
@@ -324,8 +324,9 @@ class H2Client:
         self.flush()
         self.streams: dict[int, dict] = {}
         self.terminated = []  # ConnectionTerminated events (GOAWAY received)
-        self.closed = False  # the peer closed the TCP connection
+        self.closed = False  # why the connection ended (EOF, reset, protocol error), or False
         self.events = []
+        self._inbuf = b""
 
     def flush(self):
         data = self.conn.data_to_send()
@@ -354,17 +355,28 @@ class H2Client:
             data = self.sock.recv(1 << 20)
         except socket.timeout:
             return True
-        except OSError:
-            self.closed = True
+        except OSError as e:
+            self.closed = f"recv: {e!r}"
             return False
         if not data:
-            self.closed = True
+            self.closed = "EOF"
             return False
-        try:
-            events = self.conn.receive_data(data)
-        except h2.exceptions.ProtocolError:
-            self.closed = True
-            return False
+        # Feed whole frames one at a time: the h2 library raises on any frame after a GOAWAY
+        # (e.g. the PING hyper sends with it), and an exception would lose the events before it.
+        self._inbuf += data
+        events = []
+        while len(self._inbuf) >= 9:
+            n = 9 + int.from_bytes(self._inbuf[:3], "big")
+            if len(self._inbuf) < n:
+                break
+            frame, self._inbuf = self._inbuf[:n], self._inbuf[n:]
+            if self.terminated:
+                continue  # the library's connection is closed; nothing more it can parse
+            try:
+                events.extend(self.conn.receive_data(frame))
+            except h2.exceptions.ProtocolError as e:
+                self.closed = f"h2 protocol error: {e!r}"
+                break
         for ev in events:
             self.events.append(ev)
             st = self.streams.get(getattr(ev, "stream_id", None) or -1)
@@ -389,9 +401,9 @@ class H2Client:
                 self.terminated.append(ev)
         try:
             self.flush()
-        except OSError:
-            self.closed = True
-        return True
+        except OSError as e:
+            self.closed = f"send: {e!r}"
+        return not self.closed
 
     def wait(self, stream_ids, timeout=10.0):
         deadline = time.monotonic() + timeout
@@ -401,6 +413,87 @@ class H2Client:
             if not self.pump(0.2):
                 break
         return {s: self.streams[s] for s in stream_ids}
+
+    def close(self):
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+
+
+H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+
+
+def h2_frame(ftype: int, flags: int, stream_id: int, payload: bytes = b"") -> bytes:
+    return len(payload).to_bytes(3, "big") + bytes([ftype, flags]) + stream_id.to_bytes(4, "big") + payload
+
+
+class RawH2:
+    """A minimal frame-level HTTP/2 client (hpack for header blocks). Unlike the h2 library it
+    keeps reading streams after a GOAWAY, which is what a graceful drain looks like: GOAWAY, then
+    the in-flight streams finish. It ACKs SETTINGS and PING like a real client."""
+
+    def __init__(self, port, timeout=10.0):
+        import hpack
+
+        self.sock = socket.create_connection((LOCALHOST, port), timeout=timeout)
+        self.enc, self.dec = hpack.Encoder(), hpack.Decoder()
+        self.buf = b""
+        self.goaways = []  # (last_stream_id, error_code)
+        self.closed = False
+        self.streams: dict[int, dict] = {}
+        self.sock.sendall(H2_PREFACE + h2_frame(4, 0, 0))
+
+    def request(self, stream_id, path, method="GET"):
+        block = self.enc.encode([(":method", method), (":path", path), (":scheme", "http"), (":authority", "e2e.test")])
+        self.streams[stream_id] = {"status": None, "body": b"", "ended": False, "reset": None}
+        self.sock.sendall(h2_frame(1, 0x4 | 0x1, stream_id, block))  # END_HEADERS | END_STREAM
+
+    def pump(self, timeout=0.2):
+        if self.closed:
+            return False
+        self.sock.settimeout(timeout)
+        try:
+            d = self.sock.recv(65536)
+        except socket.timeout:
+            return True
+        except OSError as e:
+            self.closed = f"recv: {e!r}"
+            return False
+        if not d:
+            self.closed = "EOF"
+            return False
+        self.buf += d
+        while len(self.buf) >= 9:
+            n = int.from_bytes(self.buf[:3], "big")
+            if len(self.buf) < 9 + n:
+                break
+            ftype, flags, sid = self.buf[3], self.buf[4], int.from_bytes(self.buf[5:9], "big") & 0x7FFFFFFF
+            payload, self.buf = self.buf[9 : 9 + n], self.buf[9 + n :]
+            st = self.streams.get(sid)
+            try:
+                if ftype == 4 and not flags & 0x1:  # SETTINGS
+                    self.sock.sendall(h2_frame(4, 0x1, 0))
+                elif ftype == 6 and not flags & 0x1:  # PING
+                    self.sock.sendall(h2_frame(6, 0x1, 0, payload))
+                elif ftype == 7:  # GOAWAY
+                    self.goaways.append((int.from_bytes(payload[:4], "big") & 0x7FFFFFFF, int.from_bytes(payload[4:8], "big")))
+                elif ftype == 1 and st is not None:  # HEADERS (hyper sends neither padding nor priority)
+                    hdrs = dict(self.dec.decode(payload))
+                    if ":status" in hdrs:
+                        st["status"] = int(hdrs[":status"])
+                    st["ended"] = st["ended"] or bool(flags & 0x1)
+                elif ftype == 0 and st is not None:  # DATA
+                    st["body"] += payload
+                    st["ended"] = st["ended"] or bool(flags & 0x1)
+                    if payload:
+                        self.sock.sendall(h2_frame(8, 0, 0, len(payload).to_bytes(4, "big")))
+                elif ftype == 3 and st is not None:  # RST_STREAM
+                    st["reset"] = int.from_bytes(payload[:4], "big")
+                    st["ended"] = True
+            except OSError:
+                pass
+        return True
 
     def close(self):
         try:
@@ -434,6 +527,17 @@ class Metrics:
 # --------------------------------------------------------------------------------------------
 # child processes
 # --------------------------------------------------------------------------------------------
+def die_with_parent():
+    """preexec_fn for children: SIGKILL them if the test process dies without its teardown
+    (they run in their own session, so a Ctrl-C at the terminal does not reach them)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
 def _stop(proc: subprocess.Popen, timeout=5.0):
     if proc.poll() is not None:
         return proc.returncode
@@ -456,6 +560,7 @@ class AppProcess:
             stdout=subprocess.PIPE,
             stderr=self.log,
             start_new_session=True,
+            preexec_fn=die_with_parent,
         )
         line = self._readline(15.0)
         if not line.startswith(b"PORT "):
@@ -607,6 +712,7 @@ class Sidecar:
             stdin=subprocess.DEVNULL,
             env=e,
             start_new_session=True,
+            preexec_fn=die_with_parent,
         )
         self.pid = self.proc.pid
         self.stopped_by_test = False

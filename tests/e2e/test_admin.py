@@ -7,7 +7,7 @@ import pytest
 import yaml
 from prometheus_client.openmetrics.parser import text_string_to_metric_families as parse_openmetrics
 
-from helpers import Metrics, http_request, make_config, port_is_free, wait_until
+from helpers import Metrics, RawConn, http_request, make_config, port_is_free, status_or_close, wait_until
 
 
 def _ready_metric(sc):
@@ -79,6 +79,22 @@ def test_metrics_parse_and_name_the_contract_families(web):
     assert any(lab.get("listener") == "web" for lab, _ in m.series("sidecar_inbound_connections_open"))
 
 
+def test_connections_open_gauge_follows_connections(web):
+    def gauge():
+        return web.sc.metrics().value("sidecar_inbound_connections_open", listener="web")
+
+    base = gauge()
+    conns = [RawConn(web.port) for _ in range(5)]
+    try:
+        for c in conns:
+            assert c.request("/").status == 200
+        wait_until(lambda: gauge() >= base + 5, 3, what="connections_open to count 5 more")
+    finally:
+        for c in conns:
+            c.close()
+    wait_until(lambda: gauge() <= base, 3, what="connections_open back down after the clients closed")
+
+
 def test_metrics_openmetrics_when_asked(web):
     http_request(web.port, "/")
     r = web.sc.admin("/metrics", headers={"Accept": "application/openmetrics-text; version=1.0.0"})
@@ -117,6 +133,31 @@ def test_log_level_read_and_change(web):
     assert 400 <= r.status < 500, f"a bad filter must be refused, got {r.status}"
     assert web.sc.admin("/log-level").body.decode().lower() == now, "a refused filter changed the level"
     assert http_request(web.port, "/").status == 200
+
+
+def _debug_lines(sc) -> int:
+    return sum(1 for line in sc.stderr_text().splitlines() if " DEBUG " in line or '"level":"DEBUG"' in line.replace(" ", ""))
+
+
+def test_log_level_change_takes_effect(web):
+    """Traffic that has something to say at debug level (a failing health check, a refused
+    request) logs nothing at DEBUG under `info`, and does after PUT /log-level debug."""
+
+    def noisy_traffic():
+        web.app.fail_next_health_checks(1)
+        status_or_close(web.port, b"GET / HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\nab", timeout=1)
+        http_request(web.port, "/status/500")
+        time.sleep(0.6)  # a few health-check intervals
+
+    noisy_traffic()
+    assert _debug_lines(web.sc) == 0, "DEBUG lines logged at level info"
+    assert 200 <= web.sc.admin("/log-level", method="PUT", body=b"debug").status < 300
+    noisy_traffic()
+    wait_until(lambda: _debug_lines(web.sc) > 0, 3, what="DEBUG lines on stderr after PUT /log-level debug")
+    assert 200 <= web.sc.admin("/log-level", method="PUT", body=b"info").status < 300
+    n = _debug_lines(web.sc)
+    noisy_traffic()
+    assert _debug_lines(web.sc) == n, "DEBUG lines still logged after PUT /log-level info"
 
 
 def _listening(port):

@@ -5,11 +5,10 @@ import json
 import shlex
 import signal
 import subprocess
-import time
 
 import pytest
 
-from helpers import SIDECAR_BIN, Metrics, free_port, http_request, wait_until
+from helpers import SIDECAR_BIN, Metrics, die_with_parent, free_port, http_request, wait_until
 
 
 def _curl_lines(text):
@@ -29,7 +28,7 @@ def test_demo_prints_working_curl_lines_and_exits_0_on_ctrl_c(tmp_path):
     args = ["demo", "--admin", f"127.0.0.1:{ADMIN}", "--listen", f"127.0.0.1:{PROXY}", "--app", f"127.0.0.1:{APP}"]
     out_f, err_f = tmp_path / "demo.stdout", tmp_path / "demo.stderr"
     with open(out_f, "wb") as out, open(err_f, "wb") as err:
-        p = subprocess.Popen([str(SIDECAR_BIN), *args], stdout=out, stderr=err, stdin=subprocess.DEVNULL, start_new_session=True)
+        p = subprocess.Popen([str(SIDECAR_BIN), *args], stdout=out, stderr=err, stdin=subprocess.DEVNULL, start_new_session=True, preexec_fn=die_with_parent)
     try:
         def output():
             return out_f.read_text(errors="replace") + "\n" + err_f.read_text(errors="replace")
@@ -63,8 +62,11 @@ def test_demo_prints_working_curl_lines_and_exits_0_on_ctrl_c(tmp_path):
             argv = shlex.split(cmd.split(" | ")[0])
             r = subprocess.run(argv + ["-sS", "--max-time", "5", "--noproxy", "*"], capture_output=True, timeout=10)
             assert r.returncode == 0, f"printed curl line failed: {cmd}\n{r.stderr.decode()}"
+            body = r.stdout
+            while body.startswith(b"HTTP/") and b"\r\n\r\n" in body:  # printed lines may use -i
+                body = body.split(b"\r\n\r\n", 1)[1]
             try:
-                doc = json.loads(r.stdout)
+                doc = json.loads(body)
                 saw_json = saw_json or isinstance(doc, dict)
             except json.JSONDecodeError:
                 pass

@@ -131,3 +131,12 @@ def test_grpc_requests_are_logged_and_counted(grpc_env):
         what="3 access-log records for /e2e.Echo/Unary",
     )
     assert recs[-1]["protocol"] == "HTTP/2" and recs[-1]["method"] == "POST"
+
+
+def test_grpc_with_app_http_auto(grpc_app, grpc_stubs, start_sidecar):
+    _, pb2, pb2_grpc = grpc_stubs
+    sc = start_sidecar(make_config(grpc_app.port, app_http="auto", health_path=None))
+    with grpc.insecure_channel(f"127.0.0.1:{sc.port('web')}", options=OPTS) as ch:
+        resp, call = pb2_grpc.EchoStub(ch).Unary.with_call(pb2.Msg(text="auto"), timeout=5)
+    assert resp.text == "auto"
+    assert dict(call.trailing_metadata()).get("x-trailer") == "trail-auto"

@@ -17,6 +17,7 @@ from h2.exceptions import H2Error
 from helpers import (
     H2Client,
     HttpApp,
+    RawConn,
     RssSampler,
     Sidecar,
     curl,
@@ -65,9 +66,11 @@ def _assert_still_serving(t: Target):
 
 # --- header limits ---------------------------------------------------------------------------
 def test_headers_over_max_header_bytes_get_431(target):
-    ok = b"GET / HTTP/1.1\r\nHost: e2e.test\r\nX-Big: " + b"a" * 10_000 + b"\r\n\r\n"
-    status, _, raw = status_or_close(target.port, ok + b"", timeout=3)
-    assert status == 200, f"a 10 KB header block is under the 16KiB limit: {raw[:100]!r}"
+    c = RawConn(target.port)
+    try:
+        assert c.request("/", headers=[("X-Big", "a" * 10_000)]).status == 200, "a 10 KB header block is under the 16KiB limit"
+    finally:
+        c.close()
     rej0 = _rejected(target.sc)
     big = b"GET / HTTP/1.1\r\nHost: e2e.test\r\nX-Big: " + b"a" * 20_000 + b"\r\n\r\n"
     status, _, raw = status_or_close(target.port, big, timeout=3)
@@ -84,6 +87,18 @@ def test_too_many_headers_get_431(target):
     assert status == 431, f"expected 431 for 500 headers, got {raw[:200]!r}"
     assert target.app.count()["started"] == started0
     _assert_rejection_counted(target.sc, rej0)
+    _assert_still_serving(target)
+
+
+def test_http2_headers_over_max_header_bytes_are_refused(target):
+    started0 = target.app.count()["started"]
+    ok = curl("--http2-prior-knowledge", "-H", "X-Big: " + "a" * 10_000, f"http://127.0.0.1:{target.port}/")
+    assert ok.status == 200, "a 10 KB header block is under the 16KiB limit"
+    r = curl("--http2-prior-knowledge", "-H", "X-Big: " + "a" * 20_000, f"http://127.0.0.1:{target.port}/?too-big")
+    print(f"h2 with 20 KB of headers: curl exit {r.returncode}, status {r.status}, {r.stderr.strip()[:200]}")
+    assert r.status == 431 or (r.status == 0 and r.returncode != 0), f"expected 431 or a refused stream, got {r.status}"
+    assert not any("too-big" in x for x in target.app.count()["recent"]), "the oversized request reached the app"
+    assert target.app.count()["started"] == started0 + 1
     _assert_still_serving(target)
 
 
@@ -118,18 +133,22 @@ BAD_CHUNKS = {
     "non-hex-size": b"POST /echo HTTP/1.1\r\nHost: e2e.test\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nhello\r\n0\r\n\r\n",
     "overflowing-size": b"POST /echo HTTP/1.1\r\nHost: e2e.test\r\nTransfer-Encoding: chunked\r\n\r\nfffffffffffffffffff1\r\nhello\r\n0\r\n\r\n",
     "negative-size": b"POST /echo HTTP/1.1\r\nHost: e2e.test\r\nTransfer-Encoding: chunked\r\n\r\n-5\r\nhello\r\n0\r\n\r\n",
+    "bad-size-after-a-good-chunk": b"POST /echo HTTP/1.1\r\nHost: e2e.test\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\nzz\r\nworld\r\n0\r\n\r\n",
 }
 
 
 @pytest.mark.parametrize("payload", BAD_CHUNKS.values(), ids=BAD_CHUNKS.keys())
 def test_bad_chunk_size_is_refused_and_no_complete_request_reaches_the_app(target, payload):
     before = target.app.count()
+    rej0 = _rejected(target.sc)
     status, closed, raw = status_or_close(target.port, payload, timeout=3)
     assert status in (400, None), f"expected 400 or a closed connection, got {raw[:300]!r}"
     assert closed, "the connection stayed open after a bad chunk size"
     time.sleep(0.3)
     after = target.app.count()
     assert after["completed"] == before["completed"], f"the app completed a request from a bad chunked body: {after['recent'][-5:]}"
+    print(f"bad chunk: status {status}, app saw {after['started'] - before['started']} request head(s)")
+    _assert_rejection_counted(target.sc, rej0)
     _assert_still_serving(target)
 
 
@@ -309,8 +328,6 @@ def test_http2_continuation_flood_gets_goaway_with_bounded_memory(target):
 
 # --- max_connections -------------------------------------------------------------------------
 def test_connections_over_max_connections_are_refused_and_counted(http_app, start_sidecar):
-    from helpers import RawConn
-
     sc = start_sidecar(make_config(http_app.port, limits={"max_connections": 20}))
     port = sc.port("web")
     held = []

@@ -5,7 +5,7 @@ request metrics. Clients: curl, http.client and raw sockets."""
 import datetime
 import json
 import os
-import socket
+import subprocess
 import time
 
 import pytest
@@ -59,6 +59,18 @@ def test_keep_alive_many_requests_on_one_socket(web):
         assert r.status == 200 and r.body == b"abc" * 1000
     finally:
         c.close()
+
+
+def test_pipelined_requests_are_answered_in_order(web):
+    c = RawConn(web.port)
+    try:
+        c.send(b"".join(b"GET /status/%d HTTP/1.1\r\nHost: e2e.test\r\n\r\n" % code for code in (200, 404, 201)))
+        c.send(b"POST /echo HTTP/1.1\r\nHost: e2e.test\r\nContent-Length: 5\r\n\r\nfinal")
+        got = [c.read_response() for _ in range(4)]
+    finally:
+        c.close()
+    assert [r.status for r in got] == [200, 404, 201, 200]
+    assert got[1].body == b"status 404\n" and got[3].body == b"final"
 
 
 def test_connections_to_the_app_are_pooled(web):
@@ -193,6 +205,24 @@ def test_large_upload_streams_with_bounded_memory(web):
 
 @pytest.mark.slow
 @pytest.mark.timeout(120)
+def test_chunked_upload_from_a_pipe_streams_with_bounded_memory(web):
+    """`curl -T -` reads stdin and sends it chunked; 256 MiB through the sidecar, RSS < 64 MiB."""
+    total = 256 * MiB
+    src = subprocess.Popen(["head", "-c", str(total), "/dev/zero"], stdout=subprocess.PIPE)
+    try:
+        with RssSampler(web.sc.pid) as rss:
+            r = curl("-T", "-", web.url("/upload"), stdin=src.stdout, timeout=100)
+    finally:
+        src.stdout.close()
+        src.wait(10)
+    print(f"chunked upload of 256 MiB: sidecar peak RSS {rss.peak_kib / 1024:.1f} MiB")
+    assert r.status == 200, (r.status, r.stderr)
+    assert json.loads(r.body)["bytes"] == total
+    assert rss.peak_kib < 64 * 1024, f"sidecar RSS peaked at {rss.peak_kib / 1024:.1f} MiB during a chunked 256 MiB upload"
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
 def test_large_download_to_slow_reader_has_bounded_memory(web):
     """The app writes 512 MiB; the client reads nothing for 2 s, then reads everything. With
     backpressure the sidecar stops reading from the app instead of buffering."""
@@ -273,6 +303,41 @@ def test_hop_by_hop_headers_are_removed(web):
         assert name not in h, f"hop-by-hop header {name!r} reached the app: {h}"
     for v in h.get("connection", []):
         assert "x-hop-custom" not in v.lower(), h
+
+
+def test_hop_by_hop_headers_are_removed_from_responses(web):
+    c = RawConn(web.port)
+    try:
+        r = c.request("/hop-response")
+        assert r.status == 200 and r.body == b"hop\n"
+        names = {k.lower() for k, _ in r.headers}
+        assert r.header("X-Normal") == "yes"
+        for name in ("x-secret-hop", "keep-alive", "proxy-connection"):
+            assert name not in names, f"hop-by-hop response header {name!r} reached the client: {r.headers}"
+        assert "x-secret-hop" not in (r.header("Connection") or "").lower()
+        assert c.request("/").status == 200  # and the connection is still usable
+    finally:
+        c.close()
+
+
+def test_host_path_and_query_reach_the_app_unchanged(web):
+    r = curl("-H", "Host: shop.example.internal:8443", web.url("/headers?a=1&b=%20x&c=%2F"))
+    got = json.loads(r.body)
+    assert got["path"] == "/headers?a=1&b=%20x&c=%2F"
+    assert _app_headers(r.body).get("host") == ["shop.example.internal:8443"]
+
+
+def test_idle_keep_alive_connection_is_closed_after_idle_timeout(http_app, start_sidecar):
+    sc = start_sidecar(make_config(http_app.port, limits={"idle_timeout": "1s"}))
+    c = RawConn(sc.port("web"))
+    try:
+        assert c.request("/").status == 200
+        t0 = time.monotonic()
+        assert c.closed_within(5), "idle connection still open 5s after a 1s idle_timeout"
+        took = time.monotonic() - t0
+        assert 0.5 < took < 3.5, f"idle connection closed after {took:.2f}s with idle_timeout 1s"
+    finally:
+        c.close()
 
 
 def test_app_down_gives_502_with_short_plain_body(start_sidecar):

@@ -91,3 +91,14 @@ def test_app_http2_concurrent_streams(h2_app, start_sidecar):
         assert res[s]["status"] == 200, res[s]
         got = json.loads(res[s]["body"])
         assert got["path"] == f"/s/{i}" and got["body_bytes"] == i + 1
+
+
+def test_auto_serves_http2_clients_in_front_of_an_http1_only_app(http_app, start_sidecar):
+    """`app.http: auto` is the default and INTERFACE.md reads it as "what the app speaks":
+    most apps speak only HTTP/1.1, and an HTTP/2 client must still reach them."""
+    sc = start_sidecar(make_config(http_app.port, app_http="auto"))
+    url = f"http://127.0.0.1:{sc.port('web')}/"
+    assert curl("--http1.1", url).status == 200
+    r = curl("--http2-prior-knowledge", url)
+    assert r.status == 200, f"h2 client -> sidecar (app.http: auto) -> HTTP/1.1 app answered {r.status} {r.body!r}"
+    assert r.body == b"hello from app\n"

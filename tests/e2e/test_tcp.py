@@ -68,8 +68,10 @@ def test_many_tcp_connections(db_port):
         for i, s in enumerate(socks):
             want = f"conn-{i}|".encode()
             assert _recv_until(s, lambda b: len(b) >= len(want)) == want
+        for s in socks:
             s.shutdown(socket.SHUT_WR)
-            assert _recv_until(s, lambda b: False) == f"FINAL {len(want)}\n".encode()
+        for i, s in enumerate(socks):
+            assert _recv_until(s, lambda b: False) == f"FINAL {len(f'conn-{i}|')}\n".encode()
     finally:
         for s in socks:
             s.close()

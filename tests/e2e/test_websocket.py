@@ -1,6 +1,7 @@
 """WebSocket (HTTP/1.1 Upgrade) tunnelled both ways through the sidecar; client and server are
 the `websockets` library."""
 
+import contextlib
 import json
 import os
 
@@ -45,11 +46,11 @@ def test_text_and_binary_messages_echo_both_ways(ws_url):
 
 
 def test_client_close_is_acknowledged(ws_url):
-    ws = _connect(ws_url)
-    ws.recv(timeout=5)
-    ws.send("ping")
-    assert ws.recv(timeout=5) == "ping"
-    ws.close(code=1000, reason="done")
+    with _connect(ws_url) as ws:
+        ws.recv(timeout=5)
+        ws.send("ping")
+        assert ws.recv(timeout=5) == "ping"
+        ws.close(code=1000, reason="done")
     assert ws.protocol.close_rcvd is not None, "no close frame came back through the sidecar"
     assert ws.protocol.close_rcvd.code == 1000
 
@@ -66,14 +67,11 @@ def test_server_close_code_and_reason_reach_the_client(ws_url):
 
 
 def test_many_websockets_at_once(ws_url):
-    conns = [_connect(ws_url) for _ in range(20)]
-    try:
+    with contextlib.ExitStack() as stack:
+        conns = [stack.enter_context(_connect(ws_url)) for _ in range(20)]
         for c in conns:
             c.recv(timeout=5)
         for i, c in enumerate(conns):
             c.send(f"conn {i}")
         for i, c in enumerate(conns):
             assert c.recv(timeout=5) == f"conn {i}"
-    finally:
-        for c in conns:
-            c.close()

@@ -15,6 +15,7 @@ Endpoints (everything the tests need to see what reached the app):
   /stream?chunks=N&delay_ms=D   chunked response of N chunks, D ms apart
   /big?bytes=N         N bytes of "x" with Content-Length
   /upload              counts and discards the request body; JSON {bytes, chunked}
+  /hop-response        a response carrying hop-by-hop headers (Connection: X-Secret-Hop, ...)
   /count               JSON counters: started, completed, recent requests, distinct peers
   /reset               zeroes the counters
 /count, /healthz, /toggle-health and /reset are not counted themselves.
@@ -230,6 +231,18 @@ class Handler(BaseHTTPRequestHandler):
             te = self.headers.get("Transfer-Encoding") or ""
             body = json.dumps({"bytes": count[0], "chunked": "chunked" in te.lower()})
             return self.reply(200, body, ctype="application/json")
+        if path == "/hop-response":
+            return self.reply(
+                200,
+                "hop\n",
+                headers=[
+                    ("Connection", "X-Secret-Hop"),
+                    ("X-Secret-Hop", "1"),
+                    ("Keep-Alive", "timeout=5"),
+                    ("Proxy-Connection", "keep-alive"),
+                    ("X-Normal", "yes"),
+                ],
+            )
         if path == "/count":
             with LOCK:
                 out = {
