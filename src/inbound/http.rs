@@ -28,10 +28,10 @@ use crate::config::{HttpVersion, Limits};
 use crate::drain::DrainWatch;
 use crate::proxy::body::{BodyStats, OnEnd, RequestBody, ResponseBody};
 use crate::proxy::headers::{
-    Forwarding, X_CLIENT_IDENTITY, X_FORWARDED_CLIENT_CERT, strip_hop_by_hop, to_absolute_form,
-    to_origin_form, wants_upgrade,
+    Forwarding, X_CLIENT_IDENTITY, X_FORWARDED_CLIENT_CERT, sanitize_request, strip_hop_by_hop,
+    to_absolute_form, to_origin_form, wants_upgrade,
 };
-use crate::proxy::pool::{PooledH1, Proto};
+use crate::proxy::pool::{H1Conn, Proto, Sticky};
 use crate::telemetry::access_log::{AccessRecord, trace_id};
 use crate::telemetry::metrics::Reject;
 use crate::tls::PeerIdentity;
@@ -87,6 +87,8 @@ struct Conn {
     /// False when `tls.allowed_identities` does not include the client: every request on
     /// the connection gets 403.
     allowed: bool,
+    /// The app connection this client connection uses between requests.
+    sticky: Sticky,
 }
 
 /// How a supervised connection ended, when not by hyper.
@@ -113,6 +115,7 @@ pub async fn serve(stream: TcpStream, peer: SocketAddr, ctx: Arc<ListenerCtx>, d
         drain: drain.clone(),
         identity: accepted.identity,
         allowed,
+        sticky: Sticky::new(ctx.pool.clone()),
     };
     serve_http(accepted.stream, protocol, conn).await;
 }
@@ -139,6 +142,7 @@ async fn serve_plain(stream: TcpStream, peer: SocketAddr, ctx: Arc<ListenerCtx>,
         drain,
         identity: None,
         allowed: true,
+        sticky: Sticky::new(ctx.pool.clone()),
     };
     serve_http(stream, detected, conn).await;
 }
@@ -276,7 +280,7 @@ struct RequestEnd {
     trace_id: Option<Box<str>>,
     error: Option<&'static str>,
     req_stats: Option<Arc<BodyStats>>,
-    pooled: Option<PooledH1>,
+    app_conn: Option<H1Conn>,
 }
 
 impl OnEnd for RequestEnd {
@@ -286,11 +290,11 @@ impl OnEnd for RequestEnd {
         let elapsed = self.start.elapsed();
         conn.listener.metrics.request(self.status, elapsed);
         let body_sent = self.req_stats.as_ref().is_none_or(|s| s.done.load(Ordering::Relaxed));
-        if let Some(pooled) = self.pooled {
+        if let Some(app_conn) = self.app_conn {
             // Reusable only when both bodies went through whole; otherwise hyper is
             // closing the connection, and dropping the handle lets it.
             if complete && body_sent {
-                pooled.release();
+                conn.sticky.give_back(app_conn);
             }
         }
         let access_log = &conn.listener.access_log;
@@ -330,7 +334,7 @@ async fn handle(mut req: Request<Incoming>, conn: Arc<Conn>) -> Response<Body> {
         trace_id: if logging { trace_id(req.headers().get("traceparent")) } else { None },
         error: None,
         req_stats: None,
-        pooled: None,
+        app_conn: None,
     };
     let l = &conn.listener;
 
@@ -355,14 +359,8 @@ async fn handle(mut req: Request<Incoming>, conn: Arc<Conn>) -> Response<Body> {
     let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
 
     let (mut parts, body) = req.into_parts();
-    strip_hop_by_hop(&mut parts.headers, upgrade);
-    // 100-continue is answered by hyper on this hop when the body is first read, which is
-    // when the app's connection is ready for it.
-    parts.headers.remove(header::EXPECT);
+    sanitize_request(&mut parts.headers, upgrade);
     conn.forwarding.apply(&mut parts.headers);
-    // Only this hop may say who the client is: whatever the client claimed goes first.
-    parts.headers.remove(&X_FORWARDED_CLIENT_CERT);
-    parts.headers.remove(&X_CLIENT_IDENTITY);
     if let Some(id) = &conn.identity {
         parts.headers.insert(X_FORWARDED_CLIENT_CERT.clone(), id.xfcc.clone());
         parts.headers.insert(X_CLIENT_IDENTITY.clone(), id.header.clone());
@@ -391,15 +389,15 @@ async fn handle(mut req: Request<Incoming>, conn: Arc<Conn>) -> Response<Body> {
 
     let send = async {
         if upgrade {
-            l.pool.send_upgrade(up_req).await.map(|r| (r, None))
+            Box::pin(l.pool.send_upgrade(up_req)).await.map(|r| (r, None))
         } else {
-            l.pool.send(up_req, proto).await
+            l.pool.send(up_req, proto, &conn.sticky).await
         }
     };
     let timeout = l.config.request_timeout;
     let result =
         if timeout.is_zero() { Some(send.await) } else { tokio::time::timeout(timeout, send).await.ok() };
-    let (mut resp, pooled) = match result {
+    let (mut resp, app_conn) = match result {
         None => {
             return local_reply(end, StatusCode::GATEWAY_TIMEOUT, "app timed out\n", "app_timeout");
         }
@@ -414,7 +412,7 @@ async fn handle(mut req: Request<Incoming>, conn: Arc<Conn>) -> Response<Body> {
         }
         Some(Ok(r)) => r,
     };
-    end.pooled = pooled;
+    end.app_conn = app_conn;
     end.status = resp.status().as_u16();
 
     let switching = resp.status() == StatusCode::SWITCHING_PROTOCOLS;

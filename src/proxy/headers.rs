@@ -17,6 +17,11 @@ pub static X_CLIENT_IDENTITY: HeaderName = HeaderName::from_static("x-client-ide
 /// needs it end to end (and HTTP/2 allows exactly that value). With `upgrade` the
 /// `Connection: upgrade` / `Upgrade` pair is kept for the next hop.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
+    // One pass of cheap name comparisons first: most messages have none of these, and each
+    // `remove` below hashes its name.
+    if !headers.keys().any(is_hop_by_hop) {
+        return;
+    }
     if headers.contains_key(header::CONNECTION) {
         // Collected first: the names borrow from the map being edited. Connection headers
         // are rare on the fast path (HTTP/1.1 clients rarely send one, HTTP/2 never).
@@ -47,6 +52,32 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
         && !te.as_bytes().eq_ignore_ascii_case(b"trailers")
     {
         headers.remove(header::TE);
+    }
+}
+
+fn is_hop_by_hop(name: &HeaderName) -> bool {
+    name == header::CONNECTION
+        || name == header::TRANSFER_ENCODING
+        || name == header::TE
+        || name == header::TRAILER
+        || name == header::UPGRADE
+        || name == KEEP_ALIVE
+        || name == PROXY_CONNECTION
+}
+
+/// Prepares a client's request headers for the app: hop-by-hop headers out (see
+/// `strip_hop_by_hop`), `Expect` out (100-continue is answered by hyper on this hop when the
+/// body is first read, which is when the app's connection is ready for it), and any
+/// `x-forwarded-client-cert` / `x-client-identity` the client sent out, because only this hop
+/// may say who the client is.
+pub fn sanitize_request(headers: &mut HeaderMap, upgrade: bool) {
+    strip_hop_by_hop(headers, upgrade);
+    let claims =
+        |n: &HeaderName| n == header::EXPECT || n == X_FORWARDED_CLIENT_CERT || n == X_CLIENT_IDENTITY;
+    if headers.keys().any(claims) {
+        headers.remove(header::EXPECT);
+        headers.remove(&X_FORWARDED_CLIENT_CERT);
+        headers.remove(&X_CLIENT_IDENTITY);
     }
 }
 
@@ -180,6 +211,18 @@ mod tests {
         strip_hop_by_hop(&mut h, false);
         assert_eq!(h.len(), 1, "{h:?}");
         assert!(h.contains_key("x-kept"));
+    }
+
+    #[test]
+    fn client_claims_of_identity_are_removed() {
+        let mut h = map(&[
+            ("x-client-identity", "admin"),
+            ("x-forwarded-client-cert", "URI=x"),
+            ("expect", "100-continue"),
+            ("x-kept", "1"),
+        ]);
+        sanitize_request(&mut h, false);
+        assert_eq!(h.len(), 1, "{h:?}");
     }
 
     #[test]

@@ -1,7 +1,9 @@
 //! Connections to one upstream address (the app), HTTP/1.1 pooled and HTTP/2 shared.
 //!
-//! HTTP/1.1: a lock-free queue of idle connections. A request takes one, and the response
-//! body hands it back when it ends (`PooledH1::release`). A connection the app closed while
+//! HTTP/1.1: each client connection keeps the app connection its last request used (`Sticky`),
+//! so a keep-alive client reuses one app connection without touching shared state; behind
+//! that, a lock-free queue of idle connections shared by the listener. The response body hands
+//! the connection back when it ends. A connection the app closed while
 //! idle is noticed either before sending (`ready` fails) or by hyper refusing the request
 //! unsent; then the request goes out on a fresh connection, so an app's keep-alive timeout
 //! racing a request is not a 502. HTTP/2: one multiplexed connection, replaced when it closes.
@@ -85,18 +87,43 @@ pub struct Pool {
     h2_support: AtomicU8,
 }
 
-/// An HTTP/1.1 connection lent to one request; `release` returns it for reuse.
-pub struct PooledH1 {
-    conn: http1::SendRequest<RequestBody>,
-    idle: Arc<ArrayQueue<Idle>>,
+/// An HTTP/1.1 connection to the upstream.
+pub type H1Conn = http1::SendRequest<RequestBody>;
+
+/// The app connection one client connection is using between its requests. Dropping it (the
+/// client connection closed) puts the app connection in the shared idle queue.
+pub struct Sticky {
+    slot: ArrayQueue<H1Conn>,
+    pool: Arc<Pool>,
 }
 
-impl PooledH1 {
-    /// Gives the connection back. Call only once the response body was read to its end and
-    /// the request body was sent whole; otherwise just drop it, and hyper closes it.
-    pub fn release(self) {
-        if !self.conn.is_closed() {
-            let _ = self.idle.push(Idle { conn: self.conn, since: Instant::now() });
+impl Sticky {
+    pub fn new(pool: Arc<Pool>) -> Self {
+        Sticky { slot: ArrayQueue::new(1), pool }
+    }
+
+    pub fn pool(&self) -> &Arc<Pool> {
+        &self.pool
+    }
+
+    /// Gives a connection back after a request that went through whole (both bodies);
+    /// otherwise just drop it and hyper closes it.
+    pub fn give_back(&self, conn: H1Conn) {
+        if conn.is_closed() {
+            return;
+        }
+        // Occupied when an HTTP/2 client had several requests in flight: the extra
+        // connection goes to the shared queue.
+        if let Err(conn) = self.slot.push(conn) {
+            self.pool.put_idle(conn);
+        }
+    }
+}
+
+impl Drop for Sticky {
+    fn drop(&mut self) {
+        if let Some(conn) = self.slot.pop() {
+            self.pool.put_idle(conn);
         }
     }
 }
@@ -127,6 +154,10 @@ impl Pool {
             H2_NO => return false,
             _ => {}
         }
+        Box::pin(self.probe()).await
+    }
+
+    async fn probe(&self) -> bool {
         let _one = self.h2_connect.lock().await;
         if self.h2_support.load(Ordering::Relaxed) == H2_UNKNOWN {
             let Ok(io) = self.connect().await else { return true };
@@ -144,15 +175,20 @@ impl Pool {
         self.h2_support.load(Ordering::Relaxed) == H2_YES
     }
 
+    fn put_idle(&self, conn: H1Conn) {
+        let _ = self.idle.push(Idle { conn, since: Instant::now() });
+    }
+
     /// Sends `req` and returns the response head; for HTTP/1.1 also the connection, to be
-    /// released when the response body ends.
+    /// given back to `sticky` when the response body ends.
     pub async fn send(
         &self,
         req: Request<RequestBody>,
         proto: Proto,
-    ) -> Result<(Response<Incoming>, Option<PooledH1>), PoolError> {
+        sticky: &Sticky,
+    ) -> Result<(Response<Incoming>, Option<H1Conn>), PoolError> {
         match proto {
-            Proto::Http1 => self.send_h1(req).await.map(|(r, c)| (r, Some(c))),
+            Proto::Http1 => self.send_h1(req, sticky).await.map(|(r, c)| (r, Some(c))),
             Proto::Http2 => self.send_h2(req).await.map(|r| (r, None)),
         }
     }
@@ -160,16 +196,26 @@ impl Pool {
     async fn send_h1(
         &self,
         mut req: Request<RequestBody>,
-    ) -> Result<(Response<Incoming>, PooledH1), PoolError> {
+        sticky: &Sticky,
+    ) -> Result<(Response<Incoming>, H1Conn), PoolError> {
         loop {
-            let (mut conn, reused) = match self.take_idle().await {
+            let mut reusable = None;
+            if let Some(mut c) = sticky.slot.pop()
+                && c.ready().await.is_ok()
+            {
+                reusable = Some(c);
+            }
+            if reusable.is_none() {
+                reusable = self.take_idle().await;
+            }
+            let (mut conn, reused) = match reusable {
                 Some(c) => (c, true),
-                None => (self.connect_h1().await?, false),
+                // Boxed: the connect path is rare, and inline it would make every request's future
+                // (moved on each poll) several times larger.
+                None => (Box::pin(self.connect_h1()).await?, false),
             };
             match conn.try_send_request(req).await {
-                Ok(resp) => {
-                    return Ok((resp, PooledH1 { conn, idle: self.idle.clone() }));
-                }
+                Ok(resp) => return Ok((resp, conn)),
                 Err(mut e) => match e.take_message() {
                     // Never written: the pooled connection died under us. Fresh ones are
                     // not retried, so this loop ends.
@@ -183,7 +229,7 @@ impl Pool {
     }
 
     /// An idle connection that can take a request now, skipping closed and stale ones.
-    async fn take_idle(&self) -> Option<http1::SendRequest<RequestBody>> {
+    async fn take_idle(&self) -> Option<H1Conn> {
         while let Some(mut idle) = self.idle.pop() {
             if idle.since.elapsed() > IDLE_TIMEOUT || idle.conn.is_closed() {
                 continue;
@@ -211,7 +257,7 @@ impl Pool {
         Ok(TokioIo::new(stream))
     }
 
-    async fn connect_h1(&self) -> Result<http1::SendRequest<RequestBody>, PoolError> {
+    async fn connect_h1(&self) -> Result<H1Conn, PoolError> {
         let io = self.connect().await?;
         let (sender, conn) = http1::Builder::new()
             .handshake(io)
@@ -241,7 +287,10 @@ impl Pool {
     }
 
     async fn send_h2(&self, req: Request<RequestBody>) -> Result<Response<Incoming>, PoolError> {
-        let mut sender = self.h2_sender().await?;
+        let mut sender = match self.h2.load().as_deref() {
+            Some(s) if !s.is_closed() => s.clone(),
+            _ => Box::pin(self.h2_sender()).await?,
+        };
         sender.send_request(req).await.map_err(|source| PoolError::Send { addr: self.addr, source })
     }
 
