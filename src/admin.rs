@@ -36,8 +36,8 @@ pub struct AdminState {
 
 #[derive(Debug, thiserror::Error)]
 pub enum AdminError {
-    #[error("admin server: bind {addr}: {source}")]
-    Bind { addr: SocketAddr, source: std::io::Error },
+    #[error("admin server: bind {addr}: {error}")]
+    Bind { addr: SocketAddr, error: std::io::Error },
     #[error("admin server: start: {0}")]
     Start(std::io::Error),
 }
@@ -45,7 +45,7 @@ pub enum AdminError {
 /// Binds now (so a taken port fails start-up) and serves on a thread of its own until the
 /// process exits.
 pub fn start(addr: SocketAddr, state: AdminState) -> Result<SocketAddr, AdminError> {
-    let listener = std::net::TcpListener::bind(addr).map_err(|source| AdminError::Bind { addr, source })?;
+    let listener = std::net::TcpListener::bind(addr).map_err(|error| AdminError::Bind { addr, error })?;
     listener.set_nonblocking(true).map_err(AdminError::Start)?;
     let local = listener.local_addr().map_err(AdminError::Start)?;
     let runtime =

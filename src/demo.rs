@@ -41,7 +41,7 @@ pub fn make_certs(addrs: &DemoAddrs) -> Result<(), crate::tls::certs::CertsError
     use crate::tls::certs;
     let dir = &addrs.certs;
     if dir.exists() {
-        std::fs::remove_dir_all(dir).map_err(|source| certs::CertsError::Io { path: dir.clone(), source })?;
+        std::fs::remove_dir_all(dir).map_err(|error| certs::CertsError::Io { path: dir.clone(), error })?;
     }
     certs::init(&dir.join("ca"))?;
     let dns = ["localhost".to_owned(), "127.0.0.1".to_owned()];

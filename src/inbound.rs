@@ -31,10 +31,10 @@ const BACKLOG: u32 = 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ApplyError {
-    #[error("listener {name}: bind {addr}: {source}")]
-    Bind { name: String, addr: SocketAddr, source: std::io::Error },
-    #[error("listener {name}: TLS: {source}")]
-    Tls { name: String, source: crate::tls::TlsError },
+    #[error("listener {name}: bind {addr}: {error}")]
+    Bind { name: String, addr: SocketAddr, error: std::io::Error },
+    #[error("listener {name}: TLS: {error}")]
+    Tls { name: String, error: crate::tls::TlsError },
 }
 
 /// Everything a connection on one listener needs; replaced whole on reload.
@@ -139,7 +139,7 @@ impl Inbound {
         };
         let expiry = self.metrics.listener(&l.name).cert_expiry();
         let loaded = ServerTls::load(files, alpn, expiry)
-            .map_err(|source| ApplyError::Tls { name: l.name.clone(), source })?;
+            .map_err(|error| ApplyError::Tls { name: l.name.clone(), error })?;
         tokio::spawn(crate::tls::server::watch(Arc::downgrade(&loaded), l.name.clone()));
         Ok(loaded)
     }
@@ -164,7 +164,7 @@ impl Inbound {
 }
 
 fn bind(l: &InboundConfig) -> Result<TcpListener, ApplyError> {
-    let err = |source| ApplyError::Bind { name: l.name.clone(), addr: l.listen, source };
+    let err = |error| ApplyError::Bind { name: l.name.clone(), addr: l.listen, error };
     let socket = if l.listen.is_ipv4() { TcpSocket::new_v4() } else { TcpSocket::new_v6() }.map_err(err)?;
     // A restarted sidecar must be able to bind while old connections sit in TIME_WAIT.
     socket.set_reuseaddr(true).map_err(err)?;

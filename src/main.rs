@@ -161,7 +161,9 @@ fn certs(action: CertsCommand) -> anyhow::Result<Exit> {
 }
 
 fn run(path: PathBuf) -> anyhow::Result<Exit> {
+    // The same checks as `sidecar check`, with the same messages, before anything starts.
     let config = config::load(&path)?;
+    sidecar::tls::check_files(&path, &config)?;
     let log = logging::init(&config.telemetry.log_level, config.telemetry.log_format)?;
     app::run(config, Some(path), Some(log))
 }

@@ -66,10 +66,10 @@ pub struct AccessLog {
 }
 
 #[derive(Debug, thiserror::Error)]
-#[error("access log {path}: {source}")]
+#[error("access log {path}: {error}")]
 pub struct AccessLogError {
     path: String,
-    source: std::io::Error,
+    error: std::io::Error,
 }
 
 impl AccessLog {
@@ -85,14 +85,14 @@ impl AccessLog {
                     .create(true)
                     .append(true)
                     .open(p)
-                    .map_err(|source| AccessLogError { path: p.display().to_string(), source })?,
+                    .map_err(|error| AccessLogError { path: p.display().to_string(), error })?,
             ),
         };
         let (tx, rx) = mpsc::channel(QUEUE);
         std::thread::Builder::new()
             .name("access-log".into())
             .spawn(move || write_loop(rx, out))
-            .map_err(|source| AccessLogError { path: "thread".into(), source })?;
+            .map_err(|error| AccessLogError { path: "thread".into(), error })?;
         Ok(AccessLog { tx: Some(tx), dropped })
     }
 

@@ -9,8 +9,8 @@ use crate::config::LogFormat;
 
 #[derive(Debug, thiserror::Error)]
 pub enum LogError {
-    #[error("`{filter}` is not a log filter: {source}")]
-    BadFilter { filter: String, source: tracing_subscriber::filter::ParseError },
+    #[error("`{filter}` is not a log filter: {error}")]
+    BadFilter { filter: String, error: tracing_subscriber::filter::ParseError },
     #[error("the logger is gone")]
     Gone,
 }
@@ -35,7 +35,7 @@ impl LogHandle {
 fn parse_filter(filter: &str) -> Result<EnvFilter, LogError> {
     EnvFilter::builder()
         .parse(filter.trim())
-        .map_err(|source| LogError::BadFilter { filter: filter.trim().to_owned(), source })
+        .map_err(|error| LogError::BadFilter { filter: filter.trim().to_owned(), error })
 }
 
 /// Installs the global subscriber. Called once, by the binary, before anything logs.

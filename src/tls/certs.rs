@@ -26,18 +26,18 @@ pub const LEAF_KEY: &str = "tls.key";
 
 #[derive(Debug, thiserror::Error)]
 pub enum CertsError {
-    #[error("{path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    #[error("{path}: {error}")]
+    Io { path: PathBuf, error: std::io::Error },
     #[error("{path} already exists; remove it first (or pick another directory)")]
     Exists { path: PathBuf },
-    #[error("{0}")]
+    #[error(transparent)]
     Rcgen(#[from] rcgen::Error),
     #[error("`{0}` is not a SPIFFE ID: expected spiffe://TRUST-DOMAIN/PATH")]
     BadSpiffe(String),
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> CertsError + '_ {
-    move |source| CertsError::Io { path: path.to_owned(), source }
+    move |error| CertsError::Io { path: path.to_owned(), error }
 }
 
 fn write_file(path: &Path, contents: &str, mode: u32) -> Result<(), CertsError> {
@@ -45,7 +45,7 @@ fn write_file(path: &Path, contents: &str, mode: u32) -> Result<(), CertsError> 
         .kind()
     {
         std::io::ErrorKind::AlreadyExists => CertsError::Exists { path: path.to_owned() },
-        _ => CertsError::Io { path: path.to_owned(), source: e },
+        _ => CertsError::Io { path: path.to_owned(), error: e },
     })?;
     f.write_all(contents.as_bytes()).map_err(io_err(path))
 }

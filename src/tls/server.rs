@@ -29,8 +29,8 @@ const SESSION_CACHE: usize = 4096;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
-    #[error("{path}: cannot read: {source}")]
-    Read { path: PathBuf, source: std::io::Error },
+    #[error("{path}: cannot read: {error}")]
+    Read { path: PathBuf, error: std::io::Error },
     #[error("{path}: no PEM certificate found")]
     NoCert { path: PathBuf },
     #[error("{path}: not a PEM certificate: {reason}")]
@@ -140,7 +140,7 @@ fn read_all(files: &InboundTls) -> Snapshot {
 }
 
 fn read(path: &Path) -> Result<Vec<u8>, TlsError> {
-    std::fs::read(path).map_err(|source| TlsError::Read { path: path.to_owned(), source })
+    std::fs::read(path).map_err(|error| TlsError::Read { path: path.to_owned(), error })
 }
 
 fn certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
