@@ -2,14 +2,19 @@
 //!
 //! Half-close is honoured: when one side finishes sending, the other side's write half is
 //! shut down and bytes keep flowing the other way (databases and request/response protocols
-//! rely on it).
+//! rely on it). A connection with no bytes either way for `limits.idle_timeout` is closed
+//! (checked once per timeout period, so it goes between one and two periods).
 
 use std::net::SocketAddr;
 
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 
+use std::sync::atomic::Ordering;
+
 use super::ListenerCtx;
+use super::guard::ConnState;
+use super::io::ServerIo;
 use crate::telemetry::metrics::Reject;
 
 pub async fn serve(client: TcpStream, peer: SocketAddr, ctx: &ListenerCtx) {
@@ -28,7 +33,7 @@ pub async fn serve(client: TcpStream, peer: SocketAddr, ctx: &ListenerCtx) {
     forward(accepted.stream, peer, ctx).await;
 }
 
-async fn forward<S: AsyncRead + AsyncWrite + Unpin>(mut client: S, peer: SocketAddr, ctx: &ListenerCtx) {
+async fn forward<S: AsyncRead + AsyncWrite + Unpin>(client: S, peer: SocketAddr, ctx: &ListenerCtx) {
     let target = ctx.config.target;
     let connect = tokio::time::timeout(ctx.config.connect_timeout, TcpStream::connect(target)).await;
     let mut upstream = match connect {
@@ -43,10 +48,31 @@ async fn forward<S: AsyncRead + AsyncWrite + Unpin>(mut client: S, peer: SocketA
         }
     };
     let _ = upstream.set_nodelay(true);
+    // Counts reads and writes on the client side for the idle timeout.
+    let state = ConnState::new();
+    let mut client = ServerIo::new(client, None, state.clone());
+    let idle_timeout = ctx.config.limits.idle_timeout;
+    let mut copy = std::pin::pin!(tokio::io::copy_bidirectional(&mut client, &mut upstream));
+    let mut seen = state.activity.load(Ordering::Relaxed);
     // The drain lets open TCP connections run until `shutdown.drain_timeout`: the sidecar
     // cannot know where a message boundary of an opaque protocol is.
-    match tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
-        Ok((up, down)) => tracing::debug!(%peer, bytes_in = up, bytes_out = down, "tcp connection closed"),
-        Err(e) => tracing::debug!(%peer, error = %e, "tcp connection ended"),
+    loop {
+        tokio::select! {
+            res = &mut copy => {
+                match res {
+                    Ok((up, down)) => tracing::debug!(%peer, bytes_in = up, bytes_out = down, "tcp connection closed"),
+                    Err(e) => tracing::debug!(%peer, error = %e, "tcp connection ended"),
+                }
+                return;
+            }
+            _ = tokio::time::sleep(idle_timeout) => {
+                let now = state.activity.load(Ordering::Relaxed);
+                if now == seen {
+                    tracing::debug!(%peer, ?idle_timeout, "tcp connection idle; closing");
+                    return;
+                }
+                seen = now;
+            }
+        }
     }
 }

@@ -91,3 +91,31 @@ def test_tcp_listener_with_app_down_closes_the_client(http_app, start_sidecar):
     finally:
         s.close()
     sc.assert_alive()
+
+
+def test_idle_tcp_connection_is_closed_after_idle_timeout(tcp_app, http_app, start_sidecar):
+    port = free_port()
+    cfg = make_config(
+        http_app.port,
+        extra_inbound=[{
+            "name": "db", "listen": f"127.0.0.1:{port}", "protocol": "tcp", "target": tcp_app.address,
+            "limits": {"idle_timeout": "1s"},
+        }],
+    )
+    start_sidecar(cfg)
+    import time
+    s = socket.create_connection(("127.0.0.1", port), timeout=10)
+    try:
+        assert _recv_until(s, lambda b: b.endswith(b"\n")) == b"BANNER\n"
+        # Traffic every 0.5 s keeps the connection open past the timeout...
+        for _ in range(4):
+            s.sendall(b"ping\n")
+            assert _recv_until(s, lambda b: b.endswith(b"ping\n")) == b"ping\n"
+            time.sleep(0.5)
+        # ...and silence closes it within two periods.
+        start = time.monotonic()
+        s.settimeout(5)
+        assert s.recv(1) == b"", "the idle connection was not closed"
+        assert time.monotonic() - start < 3.0
+    finally:
+        s.close()
