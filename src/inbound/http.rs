@@ -20,7 +20,6 @@ use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpStream;
-use tokio::sync::mpsc;
 
 use super::ListenerCtx;
 use super::guard::{ConnState, Guard};
@@ -32,7 +31,7 @@ use crate::proxy::headers::{
     Forwarding, X_CLIENT_IDENTITY, X_FORWARDED_CLIENT_CERT, sanitize_request, strip_hop_by_hop,
     to_absolute_form, to_origin_form, wants_upgrade,
 };
-use crate::proxy::pool::{H1Conn, H1Driver, Proto, Sticky};
+use crate::proxy::pool::{H1Conn, Proto, Sticky};
 use crate::telemetry::access_log::{AccessRecord, trace_id};
 use crate::telemetry::metrics::Reject;
 use crate::tls::PeerIdentity;
@@ -108,16 +107,17 @@ pub async fn serve(stream: TcpStream, peer: SocketAddr, ctx: Arc<ListenerCtx>, d
     };
     let allowed = super::tls::allowed(&tls, accepted.identity.as_deref());
     let protocol = if accepted.h2 { Detected::Http2 } else { Detected::Http1 };
-    let client = Client { peer, tls: true, identity: accepted.identity, allowed };
-    serve_http(accepted.stream, protocol, ctx, drain, client).await;
-}
-
-/// Who is on the other end of a client connection.
-struct Client {
-    peer: SocketAddr,
-    tls: bool,
-    identity: Option<Arc<PeerIdentity>>,
-    allowed: bool,
+    let conn = Conn {
+        listener: ctx.clone(),
+        peer,
+        state: ConnState::new(),
+        forwarding: Forwarding::new(peer.ip(), true),
+        drain: drain.clone(),
+        identity: accepted.identity,
+        allowed,
+        sticky: Sticky::new(ctx.pool.clone()),
+    };
+    serve_http(accepted.stream, protocol, conn).await;
 }
 
 async fn serve_plain(stream: TcpStream, peer: SocketAddr, ctx: Arc<ListenerCtx>, drain: DrainWatch) {
@@ -134,42 +134,30 @@ async fn serve_plain(stream: TcpStream, peer: SocketAddr, ctx: Arc<ListenerCtx>,
             return;
         }
     };
-    let client = Client { peer, tls: false, identity: None, allowed: true };
-    serve_http(stream, detected, ctx, drain, client).await;
+    let conn = Conn {
+        listener: ctx.clone(),
+        peer,
+        state: ConnState::new(),
+        forwarding: Forwarding::new(peer.ip(), false),
+        drain,
+        identity: None,
+        allowed: true,
+        sticky: Sticky::new(ctx.pool.clone()),
+    };
+    serve_http(stream, detected, conn).await;
 }
 
 /// Serves HTTP on an established (plain or TLS) connection until it closes.
-async fn serve_http<S>(
-    stream: S,
-    detected: Detected,
-    ctx: Arc<ListenerCtx>,
-    drain: DrainWatch,
-    client: Client,
-) where
+async fn serve_http<S>(stream: S, detected: Detected, conn: Conn)
+where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
-    let state = ConnState::new();
-    let peer = client.peer;
+    let state = conn.state.clone();
+    let ctx = conn.listener.clone();
+    let drain = conn.drain.clone();
+    let peer = conn.peer;
     let limits = &ctx.config.limits;
-    // HTTP/1 clients send one request at a time, so one app connection serves them, and
-    // this task can drive it (see `supervise`). HTTP/2 clients may need several at once.
-    let (driver_tx, driver_rx) = match detected {
-        Detected::Http2 => (None, None),
-        _ => {
-            let (tx, rx) = mpsc::unbounded_channel();
-            (Some(tx), Some(rx))
-        }
-    };
-    let conn = Arc::new(Conn {
-        listener: ctx.clone(),
-        peer,
-        state: state.clone(),
-        forwarding: Forwarding::new(peer.ip(), client.tls),
-        drain: drain.clone(),
-        identity: client.identity,
-        allowed: client.allowed,
-        sticky: Sticky::new(ctx.pool.clone(), driver_tx),
-    });
+    let conn = Arc::new(conn);
     let svc = service_fn(move |req| {
         let conn = conn.clone();
         async move { Ok::<_, Infallible>(handle(req, conn).await) }
@@ -179,12 +167,12 @@ async fn serve_http<S>(
             state.head_started.store(0, Ordering::Relaxed);
             let io = TokioIo::new(ServerIo::new(stream, None, state.clone()));
             let conn = ctx.http.h2.serve_connection(io, svc);
-            supervise(conn, |c| c.graceful_shutdown(), &state, limits, drain, driver_rx).await
+            supervise(conn, |c| c.graceful_shutdown(), &state, limits, drain).await
         }
         _ => {
             let io = TokioIo::new(ServerIo::new(stream, Some(Guard::new(state.clone())), state.clone()));
             let conn = ctx.http.h1.serve_connection(io, svc).with_upgrades();
-            supervise(conn, |c| c.graceful_shutdown(), &state, limits, drain, driver_rx).await
+            supervise(conn, |c| c.graceful_shutdown(), &state, limits, drain).await
         }
     };
     let reason = match ended {
@@ -233,7 +221,6 @@ async fn supervise<C: Future<Output = Result<(), hyper::Error>>>(
     state: &ConnState,
     limits: &Limits,
     mut drain: DrainWatch,
-    mut drivers: Option<mpsc::UnboundedReceiver<H1Driver>>,
 ) -> Result<Ended, hyper::Error> {
     let mut conn = std::pin::pin!(conn);
     let header_ms = limits.header_read_timeout.as_millis() as u64;
@@ -245,26 +232,11 @@ async fn supervise<C: Future<Output = Result<(), hyper::Error>>>(
     // Made once and kept: polling it again while nothing changed is an atomic load, where a
     // fresh `signaled()` per wake-up would take the watch's lock on every request.
     let mut drained = std::pin::pin!(drain.signaled());
-    // The app connection this client connection dialled, driven here rather than in a task of
-    // its own: a request and its response then cross no task boundary, which saves two
-    // cross-task wake-ups per request (the profile's largest structural cost).
-    let mut app: Option<std::pin::Pin<Box<H1Driver>>> = None;
-    let result = loop {
+    loop {
         tokio::select! {
             // The connection first, and in a fixed order: no random branch choice per poll.
             biased;
-            res = conn.as_mut() => break res.map(|()| Ended::Done),
-            _ = async { app.as_mut().expect("guarded by is_some").await }, if app.is_some() => app = None,
-            driver = async { drivers.as_mut().expect("guarded by is_some").recv().await }, if drivers.is_some() => {
-                match driver {
-                    Some(d) => {
-                        if let Some(old) = app.replace(Box::pin(d)) {
-                            tokio::spawn(old);
-                        }
-                    }
-                    None => drivers = None,
-                }
-            }
+            res = conn.as_mut() => return res.map(|()| Ended::Done),
             _ = &mut drained, if !shutting_down => {
                 shutting_down = true;
                 shut_down(conn.as_mut());
@@ -279,26 +251,20 @@ async fn supervise<C: Future<Output = Result<(), hyper::Error>>>(
                 }
                 let head = state.head_started.load(Ordering::Relaxed);
                 if head != 0 && state.now_ms().saturating_sub(head) >= header_ms {
-                    break Ok(Ended::HeaderTimeout);
+                    return Ok(Ended::HeaderTimeout);
                 }
                 let idle = state.in_flight.load(Ordering::Relaxed) == 0
                     && now.duration_since(last_change) >= limits.idle_timeout;
                 if idle {
                     if shutting_down {
-                        break Ok(Ended::Done);
+                        return Ok(Ended::Done);
                     }
                     shutting_down = true;
                     shut_down(conn.as_mut());
                 }
             }
         }
-    };
-    // The app connection outlives this client connection: it goes back to the pool (when the
-    // `Sticky` is dropped), so it needs a driver of its own from here on.
-    if let Some(app) = app {
-        tokio::spawn(app);
     }
-    result
 }
 
 /// The end of one request: metrics, the access-log record, the app connection returned.

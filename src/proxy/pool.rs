@@ -20,7 +20,6 @@ use hyper::body::Incoming;
 use hyper::client::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpStream;
-use tokio::sync::mpsc;
 
 use super::body::RequestBody;
 
@@ -91,42 +90,16 @@ pub struct Pool {
 /// An HTTP/1.1 connection to the upstream.
 pub type H1Conn = http1::SendRequest<RequestBody>;
 
-/// The future that drives an HTTP/1.1 upstream connection's IO.
-pub type H1Driver = http1::Connection<TokioIo<TcpStream>, RequestBody>;
-
-/// Runs an upstream connection to its end in a task of its own.
-pub fn spawn_driver(driver: H1Driver) {
-    tokio::spawn(async move {
-        if let Err(e) = driver.await {
-            tracing::debug!(error = %e, "app connection ended");
-        }
-    });
-}
-
 /// The app connection one client connection is using between its requests. Dropping it (the
 /// client connection closed) puts the app connection in the shared idle queue.
 pub struct Sticky {
     slot: ArrayQueue<H1Conn>,
     pool: Arc<Pool>,
-    /// Where a newly dialled app connection's driver goes: the client connection's own task,
-    /// when it offers to drive it (see `inbound::http::supervise`), else a task of its own.
-    drivers: Option<mpsc::UnboundedSender<H1Driver>>,
 }
 
 impl Sticky {
-    pub fn new(pool: Arc<Pool>, drivers: Option<mpsc::UnboundedSender<H1Driver>>) -> Self {
-        Sticky { slot: ArrayQueue::new(1), pool, drivers }
-    }
-
-    fn drive(&self, driver: H1Driver) {
-        match &self.drivers {
-            Some(tx) => {
-                if let Err(back) = tx.send(driver) {
-                    spawn_driver(back.0);
-                }
-            }
-            None => spawn_driver(driver),
-        }
+    pub fn new(pool: Arc<Pool>) -> Self {
+        Sticky { slot: ArrayQueue::new(1), pool }
     }
 
     pub fn pool(&self) -> &Arc<Pool> {
@@ -239,11 +212,7 @@ impl Pool {
                 Some(c) => (c, true),
                 // Boxed: the connect path is rare, and inline it would make every request's future
                 // (moved on each poll) several times larger.
-                None => {
-                    let (sender, driver) = Box::pin(self.connect_h1()).await?;
-                    sticky.drive(driver);
-                    (sender, false)
-                }
+                None => (Box::pin(self.connect_h1()).await?, false),
             };
             match conn.try_send_request(req).await {
                 Ok(resp) => return Ok((resp, conn)),
@@ -288,12 +257,18 @@ impl Pool {
         Ok(TokioIo::new(stream))
     }
 
-    async fn connect_h1(&self) -> Result<(H1Conn, H1Driver), PoolError> {
+    async fn connect_h1(&self) -> Result<H1Conn, PoolError> {
         let io = self.connect().await?;
-        http1::Builder::new()
+        let (sender, conn) = http1::Builder::new()
             .handshake(io)
             .await
-            .map_err(|source| PoolError::Handshake { addr: self.addr, source })
+            .map_err(|source| PoolError::Handshake { addr: self.addr, source })?;
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(error = %e, "app connection ended");
+            }
+        });
+        Ok(sender)
     }
 
     /// A dedicated HTTP/1.1 connection that may switch protocols (WebSocket); never pooled.
