@@ -245,7 +245,30 @@ http {{
 """
 
 
-def nginx_proxy_conf(d, port, h2port, app_port):
+def nginx_tls_servers(tls):
+    """The TLS listeners of the nginx proxy: HTTP/1.1 on one port, h2 (ALPN) on a second one."""
+    if not tls:
+        return ""
+    return f"""
+  ssl_certificate {tls['cert']};
+  ssl_certificate_key {tls['key']};
+  ssl_protocols TLSv1.2 TLSv1.3;
+  ssl_conf_command NumTickets 1;
+  server {{
+    listen 127.0.0.1:{tls['port']} ssl backlog=4096;
+    listen 127.0.0.1:{tls['h2port']} ssl http2 backlog=4096;
+    location / {{
+      proxy_pass http://app;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+      proxy_buffer_size 16k;
+      proxy_buffers 8 16k;
+      proxy_max_temp_file_size 0;
+    }}
+  }}"""
+
+
+def nginx_proxy_conf(d, port, h2port, app_port, tls=None):
     return f"""
 worker_processes 1;
 pid {d}/nginx.pid;
@@ -275,12 +298,13 @@ http {{
       proxy_buffers 8 16k;
       proxy_max_temp_file_size 0;
     }}
-  }}
+  }}{nginx_tls_servers(tls)}
 }}
 """
 
 
-def haproxy_conf(d, port, h2port, app_port):
+def haproxy_conf(d, port, h2port, app_port, tls=None):
+    bind_tls = (f"\n  bind 127.0.0.1:{tls['port']} ssl crt {tls['pem']} alpn h2,http/1.1" if tls else "")
     return f"""
 global
   nbthread 1
@@ -296,19 +320,21 @@ defaults
   timeout http-keep-alive 300s
 frontend web
   bind 127.0.0.1:{port}
-  bind 127.0.0.1:{h2port} proto h2
+  bind 127.0.0.1:{h2port} proto h2{bind_tls}
   default_backend app
 backend app
   server app 127.0.0.1:{app_port}
 """
 
 
-def sidecar_conf(admin, port, app_port):
+def sidecar_conf(admin, port, app_port, tls=None):
+    tls_in = (f"  - {{ name: web-tls, listen: 127.0.0.1:{tls['port']}, protocol: http, "
+              f"tls: {{ cert: {tls['cert']}, key: {tls['key']} }} }}\n" if tls else "")
     return f"""admin: {{ listen: 127.0.0.1:{admin} }}
 app: {{ address: 127.0.0.1:{app_port}, http: http1 }}
 inbound:
   - {{ name: web, listen: 127.0.0.1:{port}, protocol: http }}
-telemetry: {{ log_level: warn, access_log: {{ enabled: false }} }}
+{tls_in}telemetry: {{ log_level: warn, access_log: {{ enabled: false }} }}
 runtime: {{ worker_threads: 1 }}
 """
 
@@ -316,7 +342,7 @@ runtime: {{ worker_threads: 1 }}
 class Env:
     """The app plus the proxies, each in its own directory under one temp dir."""
 
-    def __init__(self, tmp, sidecar_bin, procs: Procs):
+    def __init__(self, tmp, sidecar_bin, procs: Procs, tls=False):
         self.tmp, self.bin, self.procs = tmp, sidecar_bin, procs
         self.app_port, self.app_h2 = free_port(), free_port()
         self.ports = {"direct": (self.app_port, self.app_h2)}
@@ -325,6 +351,40 @@ class Env:
         self.sidecar_admin = free_port()
         self.ports["sidecar"] = (self.ports["sidecar"][0], self.ports["sidecar"][0])  # one port: h1 + h2c
         self.proc: dict[str, subprocess.Popen] = {}
+        # TLS listeners (issue 5), only when TLS workloads run: same certificate in every proxy
+        self.tls = self.make_tls() if tls else None
+        self.tls_ports = {t: (free_port(), free_port()) for t in PROXIES} if tls else {}
+        if tls:  # Sidecar and HAProxy: one TLS port, ALPN h2 and http/1.1; nginx: h2 on a second one
+            for t in ("sidecar", "haproxy"):
+                self.tls_ports[t] = (self.tls_ports[t][0], self.tls_ports[t][0])
+
+    def make_tls(self):
+        """A dev CA and an ECDSA P-256 server certificate, made by Sidecar itself; a no-resumption
+        shim for the load generators (lib/noresume.c)."""
+        d = self._dir("tls")
+        for cmd in ([self.bin, "certs", "init", os.path.join(d, "ca")],
+                    [self.bin, "certs", "issue", "--ca", os.path.join(d, "ca"), "--spiffe", "spiffe://bench/ns/b/sa/b",
+                     "--dns", "localhost", "--dns", "127.0.0.1", os.path.join(d, "out")]):
+            r = subprocess.run(cmd, capture_output=True, text=True, timeout=30)
+            if r.returncode != 0:
+                raise RuntimeError(f"{' '.join(cmd)} failed: {r.stderr.strip()}")
+        out = os.path.join(d, "out")
+        tls = {"cert": os.path.join(out, "tls.crt"), "key": os.path.join(out, "tls.key"),
+               "ca": os.path.join(out, "ca.crt"), "pem": os.path.join(out, "haproxy.pem"),
+               "shim": os.path.join(d, "noresume.so")}
+        with open(tls["pem"], "w") as f:  # HAProxy wants certificate and key in one file
+            f.write(open(tls["cert"]).read() + open(tls["key"]).read())
+        os.chmod(tls["pem"], 0o600)
+        r = subprocess.run(["gcc", "-O2", "-shared", "-fPIC", "-o", tls["shim"], os.path.join(HERE, "noresume.c"), "-ldl"],
+                           capture_output=True, text=True, timeout=60)
+        if r.returncode != 0:
+            raise RuntimeError(f"building lib/noresume.c failed: {r.stderr.strip()}")
+        return tls
+
+    def tls_of(self, name):
+        if not self.tls or name not in self.tls_ports:
+            return None
+        return dict(self.tls, port=self.tls_ports[name][0], h2port=self.tls_ports[name][1])
 
     def _dir(self, name):
         d = os.path.join(self.tmp, name)
@@ -360,7 +420,7 @@ class Env:
         if name == "nginx":
             conf = os.path.join(d, "nginx.conf")
             with open(conf, "w") as f:
-                f.write(nginx_proxy_conf(d, port, h2, self.app_port))
+                f.write(nginx_proxy_conf(d, port, h2, self.app_port, self.tls_of(name)))
             p = self.procs.start(["nginx", "-p", d, "-c", conf, "-e", f"{d}/error.log", "-g", "daemon off;"],
                                  os.path.join(d, "out.log"), cpu=PROXY_CPU)
             wait_tcp(port, proc=p)
@@ -368,18 +428,21 @@ class Env:
         elif name == "haproxy":
             conf = os.path.join(d, "haproxy.cfg")
             with open(conf, "w") as f:
-                f.write(haproxy_conf(d, port, h2, self.app_port))
+                f.write(haproxy_conf(d, port, h2, self.app_port, self.tls_of(name)))
             p = self.procs.start(["haproxy", "-db", "-f", conf], os.path.join(d, "out.log"), cpu=PROXY_CPU)
             wait_tcp(port, proc=p)
             wait_tcp(h2, proc=p)
         elif name == "sidecar":
             conf = os.path.join(d, "sidecar.yaml")
             with open(conf, "w") as f:
-                f.write(sidecar_conf(self.sidecar_admin, port, self.app_port))
+                f.write(sidecar_conf(self.sidecar_admin, port, self.app_port, self.tls_of(name)))
             p = self.procs.start([self.bin, "run", "-c", conf], os.path.join(d, "out.log"), cpu=PROXY_CPU)
             wait_http_200(f"http://127.0.0.1:{self.sidecar_admin}/ready", proc=p)
         else:
             raise ValueError(name)
+        if self.tls:
+            for tp in set(self.tls_ports[name]):
+                wait_tcp(tp, proc=p)
         self.proc[name] = p
         return p
 
@@ -397,6 +460,29 @@ class Env:
             st, body = http_get(f"http://127.0.0.1:{port}{path}")
             if st != 200 or len(body) != n:
                 raise RuntimeError(f"{name} {path}: status {st}, {len(body)} bytes, wanted {n}")
+        if self.tls:
+            import ssl
+            ctx = ssl.create_default_context(cafile=self.tls["ca"])
+            for tp in sorted(set(self.tls_ports[name])):
+                with urllib.request.urlopen(f"https://127.0.0.1:{tp}/", timeout=5, context=ctx) as r:
+                    body = r.read()
+                if r.status != 200 or body != BODY_SMALL:
+                    raise RuntimeError(f"{name} https port {tp}: status {r.status}, body {body[:40]!r}")
+
+    def tls_negotiated(self, name):
+        """What `openssl s_client` (OpenSSL defaults, like wrk) negotiates with the proxy's TLS port."""
+        r = subprocess.run(["openssl", "s_client", "-connect", f"127.0.0.1:{self.tls_ports[name][0]}",
+                            "-servername", "localhost", "-CAfile", self.tls["ca"], "-alpn", "http/1.1"],
+                           input="", capture_output=True, text=True, timeout=15)
+        out = r.stdout + r.stderr
+
+        def grab(rx):
+            m = re.search(rx, out, re.M)
+            return m.group(1).strip() if m else "?"
+        return {"protocol": grab(r"^New, (TLSv[\d.]+)"), "cipher": grab(r"Cipher is (\S+)"),
+                "group": grab(r"Server Temp Key: ([^\n]+)"),
+                "sig": grab(r"Peer signature type: (\S+)") + "+" + grab(r"Peer signing digest: (\S+)"),
+                "verify": grab(r"Verify return code: ([^\n]+)")}
 
     def stop(self, name):
         p = self.proc.pop(name, None)
@@ -405,18 +491,19 @@ class Env:
 
 
 # ---------------------------------------------------------------- load generators
-def run_cmd(cmd, timeout):
-    r = subprocess.run(["taskset", "-c", LOAD_CPU] + cmd, capture_output=True, text=True, timeout=timeout)
+def run_cmd(cmd, timeout, preload=None):
+    env = dict(os.environ, LD_PRELOAD=preload) if preload else None
+    r = subprocess.run(["taskset", "-c", LOAD_CPU] + cmd, capture_output=True, text=True, timeout=timeout, env=env)
     if r.returncode != 0:
         raise RuntimeError(f"{cmd[0]} failed ({r.returncode}): {r.stderr.strip()[-500:]} {r.stdout.strip()[-500:]}")
     return r.stdout
 
 
-def wrk(url, conns, secs, headers=()):
+def wrk(url, conns, secs, headers=(), preload=None):
     cmd = ["wrk", "-t1", f"-c{conns}", f"-d{secs}s", "--timeout", "5s", "-s", LUA]
     for h in headers:
         cmd += ["-H", h]
-    out = run_cmd(cmd + [url], timeout=secs + 30)
+    out = run_cmd(cmd + [url], timeout=secs + 30, preload=preload)
     m = re.search(r"^BENCH (.*)$", out, re.M)
     if not m:
         raise RuntimeError(f"wrk output not understood:\n{out}")
@@ -451,6 +538,9 @@ def h2load(url, clients, streams, secs, extra=(), logfile=None):
     ok = min(int(st.group(1)), int(r.group(4))) if st else int(r.group(4))
     res = {"requests": ok, "rps": ok / secs_taken,
            "errors": int(r.group(5)) + int(r.group(6)) + int(r.group(7)) + max(0, int(r.group(4)) - ok)}
+    tls = re.search(r"TLS Protocol: (\S+)\s+Cipher: (\S+)\s+Server Temp Key: ([^\n]+)\s+Application protocol: (\S+)", out)
+    if tls:
+        res["tls"] = " ".join(tls.groups())
     if logfile:
         lat = []
         with open(logfile) as f:
@@ -489,19 +579,36 @@ WORKLOADS = [
      dict(path="/", conns=64, secs=(5, 2), headers=("Connection: close",))),
     ("h2", "HTTP/2 cleartext (prior knowledge), 4 connections x 100 streams (h2load -c4 -m100)", "h2",
      dict(path="/", clients=4, streams=100, secs=(5, 3))),
+    # TLS (issue 5): proxies only (the app has no TLS), same certificate (ECDSA P-256) in all
+    ("tls-hs", "TLS: new connection and full handshake per request, 64 connections "
+     "(wrk -c64 -H 'Connection: close' https, no resumption)", "wrk",
+     dict(path="/", conns=64, secs=(8, 3), headers=("Connection: close",), tls=True, full_handshakes=True)),
+    ("tls-ka", "TLS: small GETs (12 B), 64 keep-alive connections (wrk -c64 https)", "wrk",
+     dict(path="/", conns=64, secs=(8, 3), tls=True)),
+    ("tls-h2", "TLS: HTTP/2 (ALPN h2), 4 connections x 100 streams (h2load -c4 -m100 https)", "h2",
+     dict(path="/", clients=4, streams=100, secs=(5, 3), tls=True)),
 ]
+TLS_WORKLOADS = [w[0] for w in WORKLOADS if w[3].get("tls")]
+QUICK_TLS = ["tls-ka"]  # what --quick adds to the cleartext workloads
 
 
 def run_workload(env: Env, target: str, wl, quick: bool, tmp: str, warm: bool = True):
     name, _title, kind, p = wl
     secs = p["secs"][1 if quick else 0]
-    port, h2port = env.ports[target]
-    url = f"http://127.0.0.1:{port}{p['path']}"
-    h2url = f"http://127.0.0.1:{h2port}{p['path']}"
+    if p.get("tls"):
+        port, h2port = env.tls_ports[target]
+        scheme = "https"
+    else:
+        port, h2port = env.ports[target]
+        scheme = "http"
+    url = f"{scheme}://127.0.0.1:{port}{p['path']}"
+    h2url = f"{scheme}://127.0.0.1:{h2port}{p['path']}"
+    # wrk and h2load resume TLS sessions on reconnect; the shim makes every handshake a full one
+    preload = env.tls["shim"] if p.get("full_handshakes") else None
     # short warm-up of the same kind, not measured (connections, pools, caches, allocator)
     if warm:
         if kind == "wrk":
-            wrk(url, p["conns"], 1, p.get("headers", ()))
+            wrk(url, p["conns"], 1, p.get("headers", ()), preload)
         elif kind == "rate":
             h2load(url, p["clients"], 1, 1, extra=["--h1", f"--rps={p['rps_each']}"])
         elif kind == "h2":
@@ -511,7 +618,7 @@ def run_workload(env: Env, target: str, wl, quick: bool, tmp: str, warm: bool = 
     u0, s0 = cpu_split(pids)
     c0, b0, o0, l0, t0 = cpu_seconds(pids), cpu_busy(), cpu_seconds(ours), children_cpu(), time.monotonic()
     if kind == "wrk":
-        r = wrk(url, p["conns"], secs, p.get("headers", ()))
+        r = wrk(url, p["conns"], secs, p.get("headers", ()), preload)
     elif kind == "rate":
         r = h2load(url, p["clients"], 1, secs, extra=["--h1", f"--rps={p['rps_each']}"],
                    logfile=os.path.join(tmp, "h2load-rate.log"))
@@ -522,6 +629,7 @@ def run_workload(env: Env, target: str, wl, quick: bool, tmp: str, warm: bool = 
     u1, s1 = cpu_split(pids)
     c1, b1, o1, l1, t1 = cpu_seconds(pids), cpu_busy(), cpu_seconds(ours), children_cpu(), time.monotonic()
     r["cpu_s"] = c1 - c0
+    r["busy"] = (c1 - c0) / (t1 - t0) if pids else None  # share of its one core the proxy used
     # CPU used meanwhile by processes that are not part of this measurement (builds, tests...),
     # as a share of one core; a few % is kernel work on loopback (softirq) and this driver.
     r["foreign"] = max(0.0, ((b1 - b0) - (o1 - o0) - (l1 - l0)) / (t1 - t0))
@@ -638,7 +746,7 @@ def build_report(data):
 
     for wl in WORKLOADS:
         w = wl[0]
-        if not any(runs.get(t, {}).get(w) for t in targets):
+        if w in TLS_WORKLOADS or not any(runs.get(t, {}).get(w) for t in targets):
             continue
         L.append(f"## {wl[1]}")
         L.append("")
@@ -695,8 +803,10 @@ def build_report(data):
         L.append("| " + " | ".join(row) + " |")
     L.append("")
 
+    tls_report(L, data, vals)
+
     # the issue-4 bars
-    if "sidecar" in targets:
+    if "sidecar" in targets and any(runs.get("sidecar", {}).get(w) for w in ("small", "rate")):
         L.append("## Issue-4 bars (Sidecar)")
         L.append("")
         L.append("| bar | measured | met |")
@@ -732,6 +842,72 @@ def build_report(data):
     return "\n".join(L)
 
 
+def tls_report(L, data, vals):
+    """The TLS tables (issue 5): proxies only, ratios to nginx, and the issue-5 bars."""
+    runs, targets = data["runs"], data["targets"]
+    done = [wl for wl in WORKLOADS if wl[0] in TLS_WORKLOADS and any(runs.get(t, {}).get(wl[0]) for t in targets)]
+    if not done:
+        return
+    L.append("## TLS (issue 5)")
+    L.append("")
+    L.append("Same certificate in every proxy: ECDSA P-256, made by `sidecar certs issue`. TLS 1.2 and 1.3 enabled "
+             "everywhere; nginx sends one TLS 1.3 session ticket per handshake like Sidecar "
+             "(`ssl_conf_command NumTickets 1`), HAProxy its default. The handshake workload runs wrk with "
+             "`LD_PRELOAD=lib/noresume.so` so that every connection is a full handshake (no PSK offered). "
+             "No direct row: the app has no TLS listener.")
+    L.append("")
+    if data.get("tls"):
+        L.append("Negotiated (`openssl s_client`, OpenSSL 3 client defaults as in wrk):")
+        L.append("")
+        L.append("| proxy | protocol | cipher | key exchange | server signature | certificate verify |")
+        L.append("|---|---|---|---|---|---|")
+        for t, v in data["tls"].items():
+            L.append(f"| {t} | {v['protocol']} | {v['cipher']} | {v['group']} | {v['sig']} | {v['verify']} |")
+        L.append("")
+    for wl in done:
+        w = wl[0]
+        unit = "handshakes/s (= req/s)" if w == "tls-hs" else "req/s"
+        L.append(f"### {wl[1]}")
+        L.append("")
+        L.append(f"| proxy | {unit} | ×nginx | p50 ms | p99 ms | p99.9 ms | CPU-s/100k req | ×nginx | user | system "
+                 "| proxy core busy | errors |")
+        L.append("|---|---|---|---|---|---|---|---|---|---|---|---|")
+        for t in targets:
+            rs = runs.get(t, {}).get(w)
+            if t == "direct" or not rs:
+                continue
+            nr = len(rs)
+            rps, cpu = vals(t, w, "rps"), vals(t, w, "cpu_per_100k")
+            row = [t, cell(rps, fmt_rps, nr), ratio(med(rps), med(vals("nginx", w, "rps"))),
+                   cell(vals(t, w, "p50"), fmt_ms, nr), cell(vals(t, w, "p99"), fmt_ms, nr),
+                   cell(vals(t, w, "p999"), fmt_ms, nr), cell(cpu, fmt_f, nr),
+                   ratio(med(cpu), med(vals("nginx", w, "cpu_per_100k"))),
+                   cell(vals(t, w, "user_per_100k"), fmt_f, nr), cell(vals(t, w, "sys_per_100k"), fmt_f, nr),
+                   cell([x * 100 if x is not None else None for x in vals(t, w, "busy")],
+                        lambda x: f"{x:.0f}%", nr),
+                   str(sum(r["errors"] for r in rs))]
+            L.append("| " + " | ".join(row) + " |")
+        neg = {t: runs[t][w][0].get("tls") for t in targets if runs.get(t, {}).get(w) and runs[t][w][0].get("tls")}
+        if neg:
+            L.append("")
+            L.append("h2load negotiated: " + "; ".join(f"{t} `{v}`" for t, v in neg.items()) + ".")
+        L.append("")
+    if "sidecar" in targets and "nginx" in targets:
+        L.append("### Issue-5 bars (Sidecar against nginx)")
+        L.append("")
+        L.append("| bar | measured | met |")
+        L.append("|---|---|---|")
+        for w, label, need in (("tls-hs", "new TLS handshakes/s ≥ 1.0× nginx", 1.0),
+                               ("tls-ka", "keep-alive TLS req/s ≥ 1.10× nginx", 1.10)):
+            s_r, n_r = med(vals("sidecar", w, "rps")), med(vals("nginx", w, "rps"))
+            s_c, n_c = med(vals("sidecar", w, "cpu_per_100k")), med(vals("nginx", w, "cpu_per_100k"))
+            if s_r and n_r:
+                cpu = f"; CPU-s/100k {s_c:.2f} vs {n_c:.2f} = {s_c/n_c:.2f}×" if s_c and n_c else ""
+                L.append(f"| {label} | {fmt_rps(s_r)} vs {fmt_rps(n_r)} = {s_r/n_r:.3f}×{cpu} | "
+                         f"{'yes' if s_r / n_r >= need else 'no'} |")
+        L.append("")
+
+
 # ---------------------------------------------------------------- main modes
 def bench(args, env: Env, tmp):
     quick = args.quick
@@ -754,9 +930,14 @@ def bench(args, env: Env, tmp):
             mem[t]["idle"].append(mem_kib(env.pids(t), "VmRSS"))
         for t in proxies:
             env.check(t)
+            if env.tls and rnd == 0:
+                data.setdefault("tls", {})[t] = env.tls_negotiated(t)
+                log(f"  TLS {t}: {data['tls'][t]}")
         for wl in workloads:
             wait_quiet(args.max_wait)
             for t in order:
+                if wl[3].get("tls") and t == "direct":
+                    continue  # the app has no TLS listener: proxies only
                 # quick: only the first workload gets a warm-up run (it warms the proxy for the rest)
                 warm = not quick or wl is workloads[0]
                 r = run_workload(env, t, wl, quick, tmp, warm)
@@ -772,7 +953,8 @@ def bench(args, env: Env, tmp):
                                              f"{r['foreign']*100:.0f}% of a core during the run")
                 runs[t][wl[0]].append(r)
                 log(f"  round {rnd+1} {wl[0]:6s} {t:8s} {fmt_rps(r['rps']):>7s} req/s  p99 {fmt_ms(r['p99'])} ms"
-                    f"  cpu/100k {fmt_f(r['cpu_per_100k'])}  err {r['errors']}  other CPU {r['foreign']*100:.0f}%")
+                    f"  cpu/100k {fmt_f(r['cpu_per_100k'])}  busy {fmt_f(r.get('busy'))}  err {r['errors']}"
+                    f"  other CPU {r['foreign']*100:.0f}%" + (f"  [{r['tls']}]" if r.get("tls") else ""))
                 if r["errors"]:
                     data["notes"].append(f"round {rnd+1} {wl[0]} {t}: {r['errors']} errors")
             if wl[0] == "small":
@@ -837,13 +1019,20 @@ def soak(args, env: Env):
 
 
 def profile(args, env: Env):
-    """perf record of Sidecar under the 64-connection small-GET load; reports written to args.out."""
+    """perf record of Sidecar under a 64-connection load (small GETs; with --tls over TLS, keep-alive
+    or a full handshake per request); reports written to args.out."""
     secs = args.profile
+    load = args.profile_load
     p = env.start("sidecar")
-    port = env.ports["sidecar"][0]
+    if load.startswith("tls"):
+        url = f"https://127.0.0.1:{env.tls_ports['sidecar'][0]}/"
+    else:
+        url = f"http://127.0.0.1:{env.ports['sidecar'][0]}/"
+    extra = ["-H", "Connection: close"] if load == "tls-hs" else []
+    wenv = dict(os.environ, LD_PRELOAD=env.tls["shim"]) if load == "tls-hs" else None
     wait_quiet(args.max_wait)
-    w = subprocess.Popen(["taskset", "-c", LOAD_CPU, "wrk", "-t1", "-c64", f"-d{secs + 4}s", "-s", LUA,
-                          f"http://127.0.0.1:{port}/"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    w = subprocess.Popen(["taskset", "-c", LOAD_CPU, "wrk", "-t1", "-c64", f"-d{secs + 4}s", "-s", LUA] + extra + [url],
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=wenv)
     try:
         time.sleep(2)
         data = os.path.join(args.out, "perf.data")
@@ -860,7 +1049,8 @@ def profile(args, env: Env):
     env.stop("sidecar")
     m = re.search(r"^BENCH (.*)$", out, re.M)
     v = dict(kv.split("=") for kv in m.group(1).split()) if m else {}
-    log(f"profile: wrk {v.get('requests')} requests in {secs + 4} s; sidecar used {c1 - c0:.1f} CPU-s while recorded")
+    log(f"profile ({load}): wrk {v.get('requests')} requests in {secs + 4} s; sidecar used {c1 - c0:.1f} CPU-s "
+        f"while recorded")
     for name, extra in (("self", ["--no-children", "--sort", "symbol"]),
                         ("children", ["--children", "--sort", "symbol"]),
                         ("dso", ["--no-children", "--sort", "dso"])):
@@ -869,8 +1059,9 @@ def profile(args, env: Env):
             subprocess.run(["perf", "report", "-i", data, "--stdio", "-g", "none", "--percent-limit", "0.3"] + extra,
                            stdout=f, stderr=subprocess.DEVNULL, timeout=600)
         log(f"written: {os.path.relpath(path, ROOT)}")
-    for t in PROXIES:
-        syscall_counts(args, env, t)
+    if load == "small":
+        for t in PROXIES:
+            syscall_counts(args, env, t)
     return f"perf data: {os.path.relpath(data, ROOT)}; reports: bench/results/perf-{{self,children,dso}}.txt"
 
 
@@ -924,6 +1115,10 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--sidecar", required=True)
     ap.add_argument("--quick", action="store_true", help="one round of short runs (< 2 min)")
+    ap.add_argument("--tls", action="store_true",
+                    help="only the TLS workloads (" + ",".join(TLS_WORKLOADS) + "); with --profile: profile under TLS")
+    ap.add_argument("--profile-load", choices=["small", "tls-ka", "tls-hs"], default=None,
+                    help="the load --profile records under (default small; tls-ka with --tls)")
     ap.add_argument("--soak", action="store_true", help="only the memory soak of Sidecar")
     ap.add_argument("--soak-seconds", type=int, default=300)
     ap.add_argument("--syscalls", action="store_true", help="only count syscalls per request of each proxy")
@@ -931,8 +1126,9 @@ def main():
                     help="only perf-record Sidecar under the 64-connection load for SECONDS")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--targets", default=",".join(TARGETS), help="comma list of " + ",".join(TARGETS))
-    ap.add_argument("--workloads", default=",".join(w[0] for w in WORKLOADS),
-                    help="comma list of " + ",".join(w[0] for w in WORKLOADS))
+    ap.add_argument("--workloads", default=None,
+                    help="comma list of " + ",".join(w[0] for w in WORKLOADS)
+                    + " (default: all; --quick: the cleartext ones and tls-ka; --tls: the TLS ones)")
     ap.add_argument("--max-wait", type=float, default=None,
                     help="seconds to wait at most for other CPU work to quiet down before a workload")
     ap.add_argument("--disturbed", type=float, default=0.10,
@@ -942,7 +1138,17 @@ def main():
     if args.max_wait is None:
         args.max_wait = 30 if args.quick else 90
     args.targets = args.targets.split(",")
-    args.workloads = args.workloads.split(",")
+    if args.workloads is None:
+        if args.tls:
+            args.workloads = TLS_WORKLOADS
+        elif args.quick:
+            args.workloads = [w[0] for w in WORKLOADS if w[0] not in TLS_WORKLOADS] + QUICK_TLS
+        else:
+            args.workloads = [w[0] for w in WORKLOADS]
+    else:
+        args.workloads = args.workloads.split(",")
+    if args.profile_load is None:
+        args.profile_load = "tls-ka" if args.tls else "small"
     for t in args.targets:
         if t not in TARGETS:
             ap.error(f"unknown target {t}")
@@ -960,7 +1166,9 @@ def main():
 
     signal.signal(signal.SIGTERM, on_signal)
     try:
-        env = Env(tmp, args.sidecar, procs)
+        want_tls = (any(w in TLS_WORKLOADS for w in args.workloads) and not (args.soak or args.syscalls)
+                    and not (args.profile and not args.profile_load.startswith("tls")))
+        env = Env(tmp, args.sidecar, procs, tls=want_tls)
         env.start_app()
         stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
         if args.syscalls:
@@ -976,10 +1184,11 @@ def main():
         else:
             data = bench(args, env, tmp)
             text = build_report(data)
+            kind = ("tls-" if args.tls else "") + ("quick" if args.quick else "full")
             path = os.path.join(args.out, "latest.md")
-            with open(os.path.join(args.out, f"latest-{'quick' if args.quick else 'full'}.md"), "w") as f:
+            with open(os.path.join(args.out, f"latest-{kind}.md"), "w") as f:
                 f.write(text + "\n")
-            with open(os.path.join(args.out, f"raw-{stamp}{'-quick' if args.quick else ''}.json"), "w") as f:
+            with open(os.path.join(args.out, f"raw-{stamp}-{kind}.json"), "w") as f:
                 json.dump(data, f, indent=1)
         with open(path, "w") as f:
             f.write(text + "\n")
