@@ -102,10 +102,6 @@ impl Sticky {
         Sticky { slot: ArrayQueue::new(1), pool }
     }
 
-    pub fn pool(&self) -> &Arc<Pool> {
-        &self.pool
-    }
-
     /// Gives a connection back after a request that went through whole (both bodies);
     /// otherwise just drop it and hyper closes it.
     pub fn give_back(&self, conn: H1Conn) {
@@ -138,10 +134,6 @@ impl Pool {
             h2_connect: tokio::sync::Mutex::new(()),
             h2_support: AtomicU8::new(H2_UNKNOWN),
         }
-    }
-
-    pub fn addr(&self) -> SocketAddr {
-        self.addr
     }
 
     /// Whether the upstream speaks HTTP/2 (for `http: auto`). Learned once, by a PING on an

@@ -149,7 +149,7 @@ fn write_record(out: &mut impl Write, r: &AccessRecord) -> std::io::Result<()> {
     out.write_all(b"\n")
 }
 
-pub fn version_str(v: Version) -> &'static str {
+fn version_str(v: Version) -> &'static str {
     match v {
         Version::HTTP_09 => "HTTP/0.9",
         Version::HTTP_10 => "HTTP/1.0",
