@@ -219,7 +219,8 @@ def wait_http_200(url, timeout=20.0, proc=None):
 BODY_SMALL = b"hello world\n"
 
 
-def app_conf(d, port, h2port):
+def nginx_head(d):
+    """What the app nginx and the proxy nginx share: one worker, no access log, unlimited keep-alive."""
     return f"""
 worker_processes 1;
 pid {d}/nginx.pid;
@@ -232,7 +233,11 @@ http {{
   fastcgi_temp_path {d}/tmp-fcgi; uwsgi_temp_path {d}/tmp-uwsgi; scgi_temp_path {d}/tmp-scgi;
   keepalive_requests 100000000;
   keepalive_timeout 300s;
-  sendfile on; tcp_nopush on;
+"""
+
+
+def app_conf(d, port, h2port):
+    return nginx_head(d) + f"""  sendfile on; tcp_nopush on;
   default_type application/octet-stream;
   server {{
     listen 127.0.0.1:{port} backlog=4096;
@@ -269,19 +274,7 @@ def nginx_tls_servers(tls):
 
 
 def nginx_proxy_conf(d, port, h2port, app_port, tls=None):
-    return f"""
-worker_processes 1;
-pid {d}/nginx.pid;
-error_log {d}/error.log warn;
-worker_rlimit_nofile 65536;
-events {{ worker_connections 16384; multi_accept on; }}
-http {{
-  access_log off;
-  client_body_temp_path {d}/tmp-body; proxy_temp_path {d}/tmp-proxy;
-  fastcgi_temp_path {d}/tmp-fcgi; uwsgi_temp_path {d}/tmp-uwsgi; scgi_temp_path {d}/tmp-scgi;
-  keepalive_requests 100000000;
-  keepalive_timeout 300s;
-  upstream app {{
+    return nginx_head(d) + f"""  upstream app {{
     server 127.0.0.1:{app_port};
     keepalive 256;
     keepalive_requests 100000000;
