@@ -379,7 +379,7 @@ async fn handle(mut req: Request<Incoming>, conn: Arc<Conn>) -> Response<Body> {
             parts.version = Version::HTTP_11;
         }
         Proto::Http2 => {
-            to_absolute_form(&mut parts.uri, &mut parts.headers, &l.config.target.to_string());
+            to_absolute_form(&mut parts.uri, &mut parts.headers, l.config.target);
             parts.version = Version::HTTP_2;
         }
     }
@@ -407,7 +407,9 @@ async fn handle(mut req: Request<Incoming>, conn: Arc<Conn>) -> Response<Body> {
             if client_body_failed {
                 return local_reply(end, StatusCode::BAD_REQUEST, "bad request body\n", "client_body_error");
             }
-            tracing::warn!(listener = %l.config.name, error = %e, "app request failed");
+            // Debug, not warn: when the app is down this is every request; the access log's
+            // `error` and the health checker's warning already say so.
+            tracing::debug!(listener = %l.config.name, error = %e, "app request failed");
             return local_reply(end, StatusCode::BAD_GATEWAY, "app unavailable\n", e.kind());
         }
         Some(Ok(r)) => r,

@@ -165,7 +165,7 @@ pub fn to_origin_form(uri: &mut Uri, headers: &mut HeaderMap) {
 
 /// Rewrites a request target for an HTTP/2 hop: absolute form, authority taken from `Host`
 /// (which HTTP/2 carries as `:authority` instead, RFC 9113 §8.3.1).
-pub fn to_absolute_form(uri: &mut Uri, headers: &mut HeaderMap, fallback_authority: &str) {
+pub fn to_absolute_form(uri: &mut Uri, headers: &mut HeaderMap, fallback: std::net::SocketAddr) {
     if uri.scheme().is_some() && uri.authority().is_some() {
         headers.remove(header::HOST);
         return;
@@ -173,7 +173,8 @@ pub fn to_absolute_form(uri: &mut Uri, headers: &mut HeaderMap, fallback_authori
     let authority = headers
         .remove(header::HOST)
         .and_then(|h| Authority::try_from(h.as_bytes()).ok())
-        .or_else(|| Authority::try_from(fallback_authority).ok());
+        // An HTTP/1.1 request without Host (legal only in HTTP/1.0) is rare: format only then.
+        .or_else(|| Authority::try_from(fallback.to_string()).ok());
     let mut parts = std::mem::take(uri).into_parts();
     parts.scheme = Some(Scheme::HTTP);
     parts.authority = authority;
@@ -257,7 +258,7 @@ mod tests {
         to_origin_form(&mut uri, &mut h);
         assert_eq!(uri, "/a?b");
         assert_eq!(h.get("host").unwrap(), "example.com");
-        to_absolute_form(&mut uri, &mut h, "127.0.0.1:1");
+        to_absolute_form(&mut uri, &mut h, "127.0.0.1:1".parse().unwrap());
         assert_eq!(uri.to_string(), "http://example.com/a?b");
         assert!(!h.contains_key("host"));
     }
