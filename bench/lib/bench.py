@@ -250,6 +250,19 @@ def app_conf(d, port, h2port):
 """
 
 
+# The proxying both nginx servers (plain and TLS) do: upstream keep-alive, and 1 MiB responses
+# streamed through memory instead of nginx's default temp file on disk.
+NGINX_PROXY_LOCATION = """    location / {
+      proxy_pass http://app;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+      proxy_buffer_size 16k;
+      proxy_buffers 8 16k;
+      proxy_max_temp_file_size 0;
+    }
+"""
+
+
 def nginx_tls_servers(tls):
     """The TLS listeners of the nginx proxy: HTTP/1.1 on one port, h2 (ALPN) on a second one."""
     if not tls:
@@ -262,15 +275,7 @@ def nginx_tls_servers(tls):
   server {{
     listen 127.0.0.1:{tls['port']} ssl backlog=4096;
     listen 127.0.0.1:{tls['h2port']} ssl http2 backlog=4096;
-    location / {{
-      proxy_pass http://app;
-      proxy_http_version 1.1;
-      proxy_set_header Connection "";
-      proxy_buffer_size 16k;
-      proxy_buffers 8 16k;
-      proxy_max_temp_file_size 0;
-    }}
-  }}"""
+{NGINX_PROXY_LOCATION}  }}"""
 
 
 def nginx_proxy_conf(d, port, h2port, app_port, tls=None):
@@ -283,15 +288,7 @@ def nginx_proxy_conf(d, port, h2port, app_port, tls=None):
   server {{
     listen 127.0.0.1:{port} backlog=4096;
     listen 127.0.0.1:{h2port} http2 backlog=4096;
-    location / {{
-      proxy_pass http://app;
-      proxy_http_version 1.1;
-      proxy_set_header Connection "";
-      proxy_buffer_size 16k;
-      proxy_buffers 8 16k;
-      proxy_max_temp_file_size 0;
-    }}
-  }}{nginx_tls_servers(tls)}
+{NGINX_PROXY_LOCATION}  }}{nginx_tls_servers(tls)}
 }}
 """
 
