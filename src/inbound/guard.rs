@@ -174,15 +174,25 @@ impl Guard {
                         );
                     }
                     let rest = &buf[i..];
-                    match rest.iter().position(|&b| b == b'\n') {
+                    match memchr::memchr(b'\n', rest) {
                         None => {
                             self.push(rest);
                             i = buf.len();
                         }
                         Some(p) => {
-                            self.push(&rest[..p]);
                             i += p + 1;
-                            if let Err(what) = self.end_line() {
+                            let result = if self.line_len == 0 && p <= KEPT {
+                                // The whole line is in this read (the usual case): checked in
+                                // place, without copying it.
+                                self.last = if p > 0 { rest[p - 1] } else { 0 };
+                                let r = self.line_done(&rest[..p], false);
+                                self.last = 0;
+                                r
+                            } else {
+                                self.push(&rest[..p]);
+                                self.end_line()
+                            };
+                            if let Err(what) = result {
                                 let at = message_start.unwrap_or(line_start);
                                 return Err(Violation { at, what });
                             }

@@ -16,53 +16,92 @@ pub static X_CLIENT_IDENTITY: HeaderName = HeaderName::from_static("x-client-ide
 /// `Connection`, and the fixed list of RFC 9110 §7.6.1. `TE: trailers` survives because gRPC
 /// needs it end to end (and HTTP/2 allows exactly that value). With `upgrade` the
 /// `Connection: upgrade` / `Upgrade` pair is kept for the next hop.
+///
+/// Runs on every request and response: HTTP/1.1 servers (nginx among them) answer every
+/// request with `Connection: keep-alive`, so the common case is "one Connection header naming
+/// nothing else". One pass over the names finds which hop-by-hop headers are present; only
+/// those are removed (each `remove` hashes), and `Connection` tokens are matched in place
+/// instead of being turned into owned header names.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
-    // One pass of cheap name comparisons first: most messages have none of these, and each
-    // `remove` below hashes its name.
-    if !headers.keys().any(is_hop_by_hop) {
+    let present = headers.keys().fold(0u8, |acc, name| acc | hop_by_hop_bit(name));
+    if present == 0 {
         return;
     }
-    if headers.contains_key(header::CONNECTION) {
-        // Collected first: the names borrow from the map being edited. Connection headers
-        // are rare on the fast path (HTTP/1.1 clients rarely send one, HTTP/2 never).
-        let named: Vec<HeaderName> = headers
-            .get_all(header::CONNECTION)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
-            .collect();
-        for name in named {
-            if !(upgrade && name == header::UPGRADE) {
-                headers.remove(&name);
+    if present & HOP_CONNECTION != 0 {
+        // Cheap to clone (shared bytes), and it frees the map for the removals below.
+        let first = headers.get(header::CONNECTION).cloned();
+        let rest: Vec<HeaderValue> = if headers.get_all(header::CONNECTION).iter().nth(1).is_some() {
+            headers.get_all(header::CONNECTION).iter().skip(1).cloned().collect()
+        } else {
+            Vec::new() // no allocation: a second Connection line is rare
+        };
+        for value in first.iter().chain(rest.iter()) {
+            let Ok(value) = value.to_str() else { continue };
+            for token in value.split(',').map(str::trim) {
+                let fixed = token.eq_ignore_ascii_case("keep-alive")
+                    || token.eq_ignore_ascii_case("close")
+                    || (upgrade && token.eq_ignore_ascii_case("upgrade"));
+                if !fixed && !token.is_empty() {
+                    // `&str` names are looked up without allocating; an invalid one matches nothing.
+                    headers.remove(token);
+                }
             }
         }
         if !upgrade {
             headers.remove(header::CONNECTION);
         }
     }
-    headers.remove(&KEEP_ALIVE);
-    headers.remove(&PROXY_CONNECTION);
-    headers.remove(header::TRANSFER_ENCODING);
-    headers.remove(header::TRAILER);
-    if !upgrade {
+    if present & HOP_KEEP_ALIVE != 0 {
+        headers.remove(&KEEP_ALIVE);
+    }
+    if present & HOP_PROXY_CONNECTION != 0 {
+        headers.remove(&PROXY_CONNECTION);
+    }
+    if present & HOP_TRANSFER_ENCODING != 0 {
+        headers.remove(header::TRANSFER_ENCODING);
+    }
+    if present & HOP_TRAILER != 0 {
+        headers.remove(header::TRAILER);
+    }
+    if present & HOP_UPGRADE != 0 && !upgrade {
         headers.remove(header::UPGRADE);
     }
-    if let Some(te) = headers.get(header::TE)
+    if present & HOP_TE != 0
+        && let Some(te) = headers.get(header::TE)
         && !te.as_bytes().eq_ignore_ascii_case(b"trailers")
     {
         headers.remove(header::TE);
     }
 }
 
-fn is_hop_by_hop(name: &HeaderName) -> bool {
-    name == header::CONNECTION
-        || name == header::TRANSFER_ENCODING
-        || name == header::TE
-        || name == header::TRAILER
-        || name == header::UPGRADE
-        || name == KEEP_ALIVE
-        || name == PROXY_CONNECTION
+const HOP_CONNECTION: u8 = 1;
+const HOP_KEEP_ALIVE: u8 = 1 << 1;
+const HOP_PROXY_CONNECTION: u8 = 1 << 2;
+const HOP_TRANSFER_ENCODING: u8 = 1 << 3;
+const HOP_TRAILER: u8 = 1 << 4;
+const HOP_UPGRADE: u8 = 1 << 5;
+const HOP_TE: u8 = 1 << 6;
+
+/// Which hop-by-hop header `name` is, as a bit (0 for an end-to-end header). Standard names
+/// compare as enum tags; `keep-alive` and `proxy-connection` as short byte strings.
+fn hop_by_hop_bit(name: &HeaderName) -> u8 {
+    if name == header::CONNECTION {
+        HOP_CONNECTION
+    } else if name == header::TRANSFER_ENCODING {
+        HOP_TRANSFER_ENCODING
+    } else if name == header::TE {
+        HOP_TE
+    } else if name == header::TRAILER {
+        HOP_TRAILER
+    } else if name == header::UPGRADE {
+        HOP_UPGRADE
+    } else if name == KEEP_ALIVE {
+        HOP_KEEP_ALIVE
+    } else if name == PROXY_CONNECTION {
+        HOP_PROXY_CONNECTION
+    } else {
+        0
+    }
 }
 
 /// Prepares a client's request headers for the app: hop-by-hop headers out (see
@@ -212,6 +251,23 @@ mod tests {
         strip_hop_by_hop(&mut h, false);
         assert_eq!(h.len(), 1, "{h:?}");
         assert!(h.contains_key("x-kept"));
+    }
+
+    #[test]
+    fn connection_tokens_in_several_lines_and_cases() {
+        let mut h = map(&[
+            ("connection", "Keep-Alive"),
+            ("connection", "close, X-A ,, bad name"),
+            ("x-a", "1"),
+            ("keep-alive", "timeout=5"),
+            ("x-kept", "yes"),
+        ]);
+        strip_hop_by_hop(&mut h, false);
+        assert_eq!(h.len(), 1, "{h:?}");
+        assert!(h.contains_key("x-kept"));
+        let mut h = map(&[("connection", "keep-alive"), ("content-length", "12")]);
+        strip_hop_by_hop(&mut h, false);
+        assert_eq!(h.len(), 1, "{h:?}");
     }
 
     #[test]
