@@ -421,6 +421,23 @@ POST /c HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n5;ext=1\r\nhello\r\n0\r\nX
     }
 
     #[test]
+    fn long_lines_read_the_same_whole_or_split() {
+        let long_value = "v".repeat(3 * KEPT);
+        let fine = format!("GET / HTTP/1.1\r\nX-Long: {long_value}\r\n\r\n");
+        let bad = format!("POST / HTTP/1.1\r\nContent-Length: {}5\r\n\r\n", "0".repeat(2 * KEPT));
+        for split in [1, 20, KEPT, fine.len() - 3] {
+            let mut g = guard();
+            assert_eq!(g.scan(&fine.as_bytes()[..split]), Ok(()));
+            assert_eq!(g.scan(&fine.as_bytes()[split..]), Ok(()), "split {split}");
+        }
+        assert_eq!(check(fine.as_bytes()), Ok(()));
+        assert!(check(bad.as_bytes()).unwrap_err().what.contains("too long"));
+        let mut g = guard();
+        g.scan(&bad.as_bytes()[..40]).unwrap();
+        assert!(g.scan(&bad.as_bytes()[40..]).unwrap_err().what.contains("too long"));
+    }
+
+    #[test]
     fn refused_request_is_withheld_from_its_start() {
         let first = b"GET /ok HTTP/1.1\r\nHost: x\r\n\r\n";
         let mut input = first.to_vec();

@@ -215,6 +215,12 @@ fn classify(e: &hyper::Error, state: &ConnState) -> Option<Reject> {
 /// the idle timeout (no request in flight and no bytes for `idle_timeout`) and the drain
 /// (idle HTTP/1 closed, busy HTTP/1 closed after the current response, HTTP/2 GOAWAY).
 /// One timer per connection, ticking at half the smaller timeout.
+///
+/// Written as a poll function rather than `select!`: the task wakes two or three times per
+/// request, almost always for the connection, and `select!` would poll the drain signal (a
+/// lock inside the watch) and the timer on every one of those wake-ups. Here each is polled
+/// only to register this task's waker (once, and after each timer reset); a wake-up then
+/// checks them with plain reads: the drain flag and the timer's elapsed bit.
 async fn supervise<C: Future<Output = Result<(), hyper::Error>>>(
     conn: C,
     shut_down: fn(std::pin::Pin<&mut C>),
@@ -222,6 +228,8 @@ async fn supervise<C: Future<Output = Result<(), hyper::Error>>>(
     limits: &Limits,
     mut drain: DrainWatch,
 ) -> Result<Ended, hyper::Error> {
+    use std::task::Poll;
+
     let mut conn = std::pin::pin!(conn);
     let header_ms = limits.header_read_timeout.as_millis() as u64;
     let tick = (limits.header_read_timeout.min(limits.idle_timeout) / 2).max(Duration::from_millis(50));
@@ -229,42 +237,62 @@ async fn supervise<C: Future<Output = Result<(), hyper::Error>>>(
     let mut last_activity = state.activity.load(Ordering::Relaxed);
     let mut last_change = Instant::now();
     let mut shutting_down = false;
-    // Made once and kept: polling it again while nothing changed is an atomic load, where a
-    // fresh `signaled()` per wake-up would take the watch's lock on every request.
+    let draining = drain.clone();
     let mut drained = std::pin::pin!(drain.signaled());
-    loop {
-        tokio::select! {
-            // The connection first, and in a fixed order: no random branch choice per poll.
-            biased;
-            res = conn.as_mut() => return res.map(|()| Ended::Done),
-            _ = &mut drained, if !shutting_down => {
+    let mut drain_armed = false;
+    let mut timer_armed = false;
+    std::future::poll_fn(|cx| {
+        loop {
+            if let Poll::Ready(res) = conn.as_mut().poll(cx) {
+                return Poll::Ready(res.map(|()| Ended::Done));
+            }
+            if !shutting_down {
+                let drain_now = if drain_armed {
+                    draining.is_draining()
+                } else {
+                    drain_armed = true;
+                    drained.as_mut().poll(cx).is_ready()
+                };
+                if drain_now {
+                    shutting_down = true;
+                    shut_down(conn.as_mut());
+                    continue; // the connection acts on it when polled
+                }
+            }
+            if timer_armed && !sleep.is_elapsed() {
+                return Poll::Pending;
+            }
+            if !timer_armed {
+                timer_armed = true;
+                if sleep.as_mut().poll(cx).is_pending() {
+                    return Poll::Pending;
+                }
+            }
+            // The tick: check the timeouts, then re-arm the timer.
+            let now = Instant::now();
+            sleep.as_mut().reset((now + tick).into());
+            timer_armed = false;
+            let activity = state.activity.load(Ordering::Relaxed);
+            if activity != last_activity {
+                last_activity = activity;
+                last_change = now;
+            }
+            let head = state.head_started.load(Ordering::Relaxed);
+            if head != 0 && state.now_ms().saturating_sub(head) >= header_ms {
+                return Poll::Ready(Ok(Ended::HeaderTimeout));
+            }
+            let idle = state.in_flight.load(Ordering::Relaxed) == 0
+                && now.duration_since(last_change) >= limits.idle_timeout;
+            if idle {
+                if shutting_down {
+                    return Poll::Ready(Ok(Ended::Done));
+                }
                 shutting_down = true;
                 shut_down(conn.as_mut());
             }
-            _ = &mut sleep => {
-                let now = Instant::now();
-                sleep.as_mut().reset((now + tick).into());
-                let activity = state.activity.load(Ordering::Relaxed);
-                if activity != last_activity {
-                    last_activity = activity;
-                    last_change = now;
-                }
-                let head = state.head_started.load(Ordering::Relaxed);
-                if head != 0 && state.now_ms().saturating_sub(head) >= header_ms {
-                    return Ok(Ended::HeaderTimeout);
-                }
-                let idle = state.in_flight.load(Ordering::Relaxed) == 0
-                    && now.duration_since(last_change) >= limits.idle_timeout;
-                if idle {
-                    if shutting_down {
-                        return Ok(Ended::Done);
-                    }
-                    shutting_down = true;
-                    shut_down(conn.as_mut());
-                }
-            }
         }
-    }
+    })
+    .await
 }
 
 /// The end of one request: metrics, the access-log record, the app connection returned.
