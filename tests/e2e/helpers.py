@@ -309,9 +309,40 @@ def status_or_close(port, data: bytes, timeout=5.0):
 
 
 # --------------------------------------------------------------------------------------------
-# HTTP/2 client on the h2 library
+# HTTP/2 clients
 # --------------------------------------------------------------------------------------------
-class H2Client:
+class _FrameReader:
+    """Socket reads cut into whole HTTP/2 frames, for the two test clients below. Expects
+    `self.sock`, `self.closed` (False, or why the connection ended) and `self._inbuf`."""
+
+    def _read_frames(self, timeout, size):
+        """Reads once (up to timeout). None: the connection is closed (`self.closed` says why);
+        else the complete frames now buffered (each with its 9-byte header), possibly none."""
+        if self.closed:
+            return None
+        self.sock.settimeout(timeout)
+        try:
+            data = self.sock.recv(size)
+        except socket.timeout:
+            return []
+        except OSError as e:
+            self.closed = f"recv: {e!r}"
+            return None
+        if not data:
+            self.closed = "EOF"
+            return None
+        self._inbuf += data
+        frames = []
+        while len(self._inbuf) >= 9:
+            n = 9 + int.from_bytes(self._inbuf[:3], "big")
+            if len(self._inbuf) < n:
+                break
+            frames.append(self._inbuf[:n])
+            self._inbuf = self._inbuf[n:]
+        return frames
+
+
+class H2Client(_FrameReader):
     """A cleartext (prior knowledge) HTTP/2 client connection, frame-level, for tests."""
 
     def __init__(self, port, timeout=10.0):
@@ -348,28 +379,13 @@ class H2Client:
         import h2.events
         import h2.exceptions
 
-        if self.closed:
-            return False
-        self.sock.settimeout(timeout)
-        try:
-            data = self.sock.recv(1 << 20)
-        except socket.timeout:
-            return True
-        except OSError as e:
-            self.closed = f"recv: {e!r}"
-            return False
-        if not data:
-            self.closed = "EOF"
+        frames = self._read_frames(timeout, 1 << 20)
+        if frames is None:
             return False
         # Feed whole frames one at a time: the h2 library raises on any frame after a GOAWAY
         # (e.g. the PING hyper sends with it), and an exception would lose the events before it.
-        self._inbuf += data
         events = []
-        while len(self._inbuf) >= 9:
-            n = 9 + int.from_bytes(self._inbuf[:3], "big")
-            if len(self._inbuf) < n:
-                break
-            frame, self._inbuf = self._inbuf[:n], self._inbuf[n:]
+        for frame in frames:
             if self.terminated:
                 continue  # the library's connection is closed; nothing more it can parse
             try:
@@ -428,7 +444,7 @@ def h2_frame(ftype: int, flags: int, stream_id: int, payload: bytes = b"") -> by
     return len(payload).to_bytes(3, "big") + bytes([ftype, flags]) + stream_id.to_bytes(4, "big") + payload
 
 
-class RawH2:
+class RawH2(_FrameReader):
     """A minimal frame-level HTTP/2 client (hpack for header blocks). Unlike the h2 library it
     keeps reading streams after a GOAWAY, which is what a graceful drain looks like: GOAWAY, then
     the in-flight streams finish. It ACKs SETTINGS and PING like a real client."""
@@ -438,7 +454,7 @@ class RawH2:
 
         self.sock = socket.create_connection((LOCALHOST, port), timeout=timeout)
         self.enc, self.dec = hpack.Encoder(), hpack.Decoder()
-        self.buf = b""
+        self._inbuf = b""
         self.goaways = []  # (last_stream_id, error_code)
         self.closed = False
         self.streams: dict[int, dict] = {}
@@ -450,26 +466,12 @@ class RawH2:
         self.sock.sendall(h2_frame(1, 0x4 | 0x1, stream_id, block))  # END_HEADERS | END_STREAM
 
     def pump(self, timeout=0.2):
-        if self.closed:
+        frames = self._read_frames(timeout, 65536)
+        if frames is None:
             return False
-        self.sock.settimeout(timeout)
-        try:
-            d = self.sock.recv(65536)
-        except socket.timeout:
-            return True
-        except OSError as e:
-            self.closed = f"recv: {e!r}"
-            return False
-        if not d:
-            self.closed = "EOF"
-            return False
-        self.buf += d
-        while len(self.buf) >= 9:
-            n = int.from_bytes(self.buf[:3], "big")
-            if len(self.buf) < 9 + n:
-                break
-            ftype, flags, sid = self.buf[3], self.buf[4], int.from_bytes(self.buf[5:9], "big") & 0x7FFFFFFF
-            payload, self.buf = self.buf[9 : 9 + n], self.buf[9 + n :]
+        for frame in frames:
+            ftype, flags, sid = frame[3], frame[4], int.from_bytes(frame[5:9], "big") & 0x7FFFFFFF
+            payload = frame[9:]
             st = self.streams.get(sid)
             try:
                 if ftype == 4 and not flags & 0x1:  # SETTINGS
