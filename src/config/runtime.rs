@@ -1,0 +1,28 @@
+//! The `runtime` section: the data plane's worker threads.
+//!
+//! Not responsible for building the runtimes or for counting the CPUs the process may use
+//! when `worker_threads` is 0 (both in `crate::app`).
+
+use serde::{Deserialize, Serialize};
+
+use super::parse::Ctx;
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub(super) struct RawRuntime {
+    worker_threads: Option<u64>,
+}
+
+pub(super) fn validate(raw: RawRuntime, cx: &mut Ctx) -> RuntimeConfig {
+    let worker_threads = raw.worker_threads.unwrap_or(0);
+    if worker_threads > 1024 {
+        cx.bad("runtime.worker_threads", format!("{worker_threads} is more than 1024"));
+    }
+    RuntimeConfig { worker_threads: worker_threads as usize }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct RuntimeConfig {
+    /// Worker threads of the data plane. 0 (default): one per CPU this process may use.
+    pub worker_threads: usize,
+}

@@ -1,0 +1,32 @@
+//! The `shutdown` section: how long a drain may wait for in-flight requests.
+//!
+//! Not responsible for the drain itself (`crate::drain`, `crate::app`).
+
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use super::parse::{Ctx, Scalar, duration_str};
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub(super) struct RawShutdown {
+    drain_timeout: Option<Scalar>,
+}
+
+pub(super) fn validate(raw: RawShutdown, cx: &mut Ctx) -> ShutdownConfig {
+    ShutdownConfig {
+        drain_timeout: cx.duration(
+            "shutdown.drain_timeout",
+            raw.drain_timeout.as_ref(),
+            Duration::from_secs(20),
+        ),
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ShutdownConfig {
+    /// Longest wait for in-flight requests after a drain begins. Default 20s.
+    #[serde(with = "duration_str")]
+    pub drain_timeout: Duration,
+}
