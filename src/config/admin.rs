@@ -3,11 +3,16 @@
 //! Not responsible for the admin server itself (`crate::admin`), nor for refusing an inbound
 //! listener on the same address (`inbound` checks that, given this section's result).
 
-use std::net::SocketAddr;
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 
 use serde::{Deserialize, Serialize};
 
 use super::parse::Ctx;
+
+/// Loopback, so the admin server is never public unless the file says so: `/shutdown` and
+/// `/log-level` change the process. Port 15000 is the contract's (INTERFACE.md), the port Istio
+/// gives Envoy's admin interface, so people who know that layout find it where they expect.
+pub const DEFAULT_ADMIN_LISTEN: SocketAddr = SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 15000));
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -16,12 +21,12 @@ pub(super) struct RawAdmin {
 }
 
 pub(super) fn validate(raw: RawAdmin, cx: &mut Ctx) -> AdminConfig {
-    AdminConfig { listen: cx.addr("admin.listen", raw.listen.as_deref(), "127.0.0.1:15000") }
+    AdminConfig { listen: raw.listen.map_or(DEFAULT_ADMIN_LISTEN, |l| cx.addr("admin.listen", &l)) }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct AdminConfig {
-    /// Where the admin server listens. Default 127.0.0.1:15000: never a public address unless
-    /// the file says so, because `/shutdown` and `/log-level` change the process.
+    /// Where the admin server listens. Default [`DEFAULT_ADMIN_LISTEN`], 127.0.0.1:15000:
+    /// never a public address unless the file says so.
     pub listen: SocketAddr,
 }

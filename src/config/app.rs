@@ -4,12 +4,29 @@
 //! Not responsible for running the checks (`crate::health`) or for probing what the app
 //! speaks under `auto` (`crate::proxy::pool`).
 
-use std::net::SocketAddr;
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
 use super::parse::{Ctx, Scalar, duration_str};
+
+// Defaults are the contract's (INTERFACE.md) unless a comment says otherwise.
+
+/// The app in the same pod, on the port Tomcat and Spring Boot listen on by default.
+pub const DEFAULT_APP_ADDRESS: SocketAddr = SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 8080));
+/// `auto` works for HTTP/1.1 apps and gRPC/h2c apps alike without a line of config.
+pub const DEFAULT_APP_HTTP: HttpVersion = HttpVersion::Auto;
+/// The Kubernetes convention for a health endpoint.
+pub const DEFAULT_HEALTH_PATH: &str = "/healthz";
+/// With `health::FAILURES_TO_UNREADY` (3) failures, a dead app leaves its Service in about 3s.
+pub const DEFAULT_HEALTH_INTERVAL: Duration = Duration::from_secs(1);
+/// Kubernetes' own default probe `timeoutSeconds`.
+pub const DEFAULT_HEALTH_TIMEOUT: Duration = Duration::from_secs(1);
+/// Interval and timeout of the TCP connect check used when `app.health` is omitted. Not
+/// settable (the contract has no field for it): the same 1s as the HTTP check's defaults, so
+/// readiness reacts alike with or without a health path; a local connect takes well under it.
+pub const TCP_CHECK_INTERVAL: Duration = Duration::from_secs(1);
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -28,26 +45,26 @@ struct RawHealth {
 }
 
 pub(super) fn validate(raw: RawApp, cx: &mut Ctx) -> AppConfig {
-    let address = cx.addr("app.address", raw.address.as_deref(), "127.0.0.1:8080");
+    let address = raw.address.map_or(DEFAULT_APP_ADDRESS, |a| cx.addr("app.address", &a));
     let health = raw.health.map(|h| validate_health(h, cx));
     AppConfig {
         address,
-        http: raw.http.unwrap_or(HttpVersion::Auto),
+        http: raw.http.unwrap_or(DEFAULT_APP_HTTP),
         health,
-        tcp_check_interval: Duration::from_secs(1),
+        tcp_check_interval: TCP_CHECK_INTERVAL,
     }
 }
 
 fn validate_health(h: RawHealth, cx: &mut Ctx) -> HealthConfig {
-    let path = h.path.unwrap_or_else(|| "/healthz".to_owned());
+    let path = h.path.unwrap_or_else(|| DEFAULT_HEALTH_PATH.to_owned());
     if !path.starts_with('/') || path.contains(char::is_whitespace) {
         cx.bad(
             "app.health.path",
             format!("`{path}` is not a path: it must start with `/` and have no spaces"),
         );
     }
-    let interval = cx.positive_duration("app.health.interval", h.interval.as_ref(), Duration::from_secs(1));
-    let timeout = cx.positive_duration("app.health.timeout", h.timeout.as_ref(), Duration::from_secs(1));
+    let interval = cx.positive_duration("app.health.interval", h.interval.as_ref(), DEFAULT_HEALTH_INTERVAL);
+    let timeout = cx.positive_duration("app.health.timeout", h.timeout.as_ref(), DEFAULT_HEALTH_TIMEOUT);
     HealthConfig { path, interval, timeout }
 }
 
@@ -64,25 +81,26 @@ pub enum HttpVersion {
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct AppConfig {
-    /// Where the application listens. Default 127.0.0.1:8080.
+    /// Where the application listens. Default [`DEFAULT_APP_ADDRESS`], 127.0.0.1:8080.
     pub address: SocketAddr,
-    /// What the app speaks. Default `auto`.
+    /// What the app speaks. Default [`DEFAULT_APP_HTTP`], `auto`.
     pub http: HttpVersion,
     /// How `/ready` learns the app is healthy. `None`: a TCP connect to `address`.
     pub health: Option<HealthConfig>,
-    /// Interval and timeout of the TCP connect check used when `health` is omitted.
+    /// Interval and timeout of the TCP connect check used when `health` is omitted: always
+    /// [`TCP_CHECK_INTERVAL`].
     #[serde(with = "duration_str")]
     pub tcp_check_interval: Duration,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct HealthConfig {
-    /// HTTP GET path; a 2xx answer means healthy. Default `/healthz`.
+    /// HTTP GET path; a 2xx answer means healthy. Default [`DEFAULT_HEALTH_PATH`], `/healthz`.
     pub path: String,
-    /// Time between checks. Default 1s.
+    /// Time between checks. Default [`DEFAULT_HEALTH_INTERVAL`], 1s.
     #[serde(with = "duration_str")]
     pub interval: Duration,
-    /// How long one check may take. Default 1s.
+    /// How long one check may take. Default [`DEFAULT_HEALTH_TIMEOUT`], 1s.
     #[serde(with = "duration_str")]
     pub timeout: Duration,
 }

@@ -12,6 +12,28 @@ use serde::{Deserialize, Serialize};
 
 use super::parse::{Ctx, Scalar, duration_str, parse_size};
 
+// Defaults are the contract's (INTERFACE.md) unless a comment says otherwise.
+
+/// Most traffic into a pod is HTTP; `tcp` is the opt-in for opaque bytes.
+pub const DEFAULT_PROTOCOL: Protocol = Protocol::Http;
+/// Close to Envoy's 60 KiB `max_request_headers_kb`: room for large cookies and tokens, while
+/// a client still cannot make one connection hold more than this of request head.
+pub const DEFAULT_MAX_HEADER_BYTES: usize = 64 * 1024;
+/// Cuts slowloris clients (a head sent a byte at a time) while leaving a slow network room.
+pub const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// Frees the connection slot and buffers of a client that keeps a connection open and silent.
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// Per listener; bounds memory and file descriptors when a client opens connections unchecked.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
+/// Envoy's route timeout. Not in the contract; README documents it.
+pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(15);
+/// The contract's outbound `connect_timeout`; the target is usually in the same pod, where a
+/// connect that has not finished in 1s is not coming.
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+/// README's documented default (not in the contract): bounds how long a client that opens a
+/// TLS connection and stalls can hold a connection slot.
+pub const DEFAULT_TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub(super) struct RawInbound {
@@ -64,7 +86,7 @@ pub(super) fn validate(
         let name = validate_name(&at, i, r.name, cx, &inbound);
         let listen = validate_listen(&at, r.listen.as_deref(), cx, &inbound, admin_listen);
         let target = match r.target.as_deref() {
-            Some(t) => cx.addr(&format!("{at}.target"), Some(t), ""),
+            Some(t) => cx.addr(&format!("{at}.target"), t),
             None => app_address,
         };
         let tls = r.tls.map(|t| validate_tls(&at, t, cx));
@@ -72,19 +94,19 @@ pub(super) fn validate(
         inbound.push(InboundConfig {
             name,
             listen,
-            protocol: r.protocol.unwrap_or(Protocol::Http),
+            protocol: r.protocol.unwrap_or(DEFAULT_PROTOCOL),
             target,
             limits,
             tls,
             request_timeout: cx.duration(
                 &format!("{at}.request_timeout"),
                 r.request_timeout.as_ref(),
-                Duration::from_secs(15),
+                DEFAULT_REQUEST_TIMEOUT,
             ),
             connect_timeout: cx.positive_duration(
                 &format!("{at}.connect_timeout"),
                 r.connect_timeout.as_ref(),
-                Duration::from_secs(1),
+                DEFAULT_CONNECT_TIMEOUT,
             ),
         });
     }
@@ -124,7 +146,7 @@ fn validate_listen(
 ) -> SocketAddr {
     let path = format!("{at}.listen");
     let listen = match raw {
-        Some(l) => cx.addr(&path, Some(l), ""),
+        Some(l) => cx.addr(&path, l),
         None => {
             cx.bad(&path, "missing: the address to listen on, like `0.0.0.0:15006`");
             SocketAddr::from(([127, 0, 0, 1], 0))
@@ -167,7 +189,7 @@ fn validate_tls(at: &str, t: RawTls, cx: &mut Ctx) -> InboundTls {
         handshake_timeout: cx.positive_duration(
             &format!("{at}.tls.handshake_timeout"),
             t.handshake_timeout.as_ref(),
-            Duration::from_secs(10),
+            DEFAULT_TLS_HANDSHAKE_TIMEOUT,
         ),
     }
 }
@@ -175,16 +197,16 @@ fn validate_tls(at: &str, t: RawTls, cx: &mut Ctx) -> InboundTls {
 fn validate_limits(at: &str, lim: RawLimits, cx: &mut Ctx) -> Limits {
     let header_path = format!("{at}.limits.max_header_bytes");
     let max_header_bytes = match &lim.max_header_bytes {
-        None => 64 * 1024,
+        None => DEFAULT_MAX_HEADER_BYTES,
         Some(s) => match parse_size(s) {
             Ok(n) if (1024..=1024 * 1024).contains(&n) => n as usize,
             Ok(n) => {
                 cx.bad(&header_path, format!("{n} bytes is outside 1KiB..1MiB"));
-                64 * 1024
+                DEFAULT_MAX_HEADER_BYTES
             }
             Err(m) => {
                 cx.bad(&header_path, m);
-                64 * 1024
+                DEFAULT_MAX_HEADER_BYTES
             }
         },
     };
@@ -193,15 +215,15 @@ fn validate_limits(at: &str, lim: RawLimits, cx: &mut Ctx) -> Limits {
         header_read_timeout: cx.positive_duration(
             &format!("{at}.limits.header_read_timeout"),
             lim.header_read_timeout.as_ref(),
-            Duration::from_secs(10),
+            DEFAULT_HEADER_READ_TIMEOUT,
         ),
         idle_timeout: cx.positive_duration(
             &format!("{at}.limits.idle_timeout"),
             lim.idle_timeout.as_ref(),
-            Duration::from_secs(60),
+            DEFAULT_IDLE_TIMEOUT,
         ),
         max_connections: match lim.max_connections {
-            None => 10_000,
+            None => DEFAULT_MAX_CONNECTIONS,
             Some(0) => {
                 cx.bad(format!("{at}.limits.max_connections"), "must be at least 1");
                 1
@@ -220,19 +242,22 @@ pub enum Protocol {
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct InboundConfig {
+    /// Labels the listener's metrics and logs; unique. Required.
     pub name: String,
+    /// Required; unique, and not the admin server's address.
     pub listen: SocketAddr,
+    /// Default [`DEFAULT_PROTOCOL`], `http`.
     pub protocol: Protocol,
     /// Where connections go. Default `app.address`.
     pub target: SocketAddr,
     pub limits: Limits,
     /// Terminate TLS here. `None`: plain text.
     pub tls: Option<InboundTls>,
-    /// Longest wait for the app's response headers before answering 504. Default 15s, Envoy's
-    /// route timeout; 0s turns it off. Streaming bodies are not cut by it.
+    /// Longest wait for the app's response headers before answering 504. Default
+    /// [`DEFAULT_REQUEST_TIMEOUT`], 15s; 0s turns it off. Streaming bodies are not cut by it.
     #[serde(with = "duration_str")]
     pub request_timeout: Duration,
-    /// Longest wait for a TCP connect to the target. Default 1s.
+    /// Longest wait for a TCP connect to the target. Default [`DEFAULT_CONNECT_TIMEOUT`], 1s.
     #[serde(with = "duration_str")]
     pub connect_timeout: Duration,
 }
@@ -247,23 +272,26 @@ pub struct InboundTls {
     pub client_ca: Option<PathBuf>,
     /// Client identities (SPIFFE IDs or DNS names) let through; empty: any verified client.
     pub allowed_identities: Vec<String>,
-    /// Longest a TLS handshake may take. Default 10s.
+    /// Longest a TLS handshake may take. Default [`DEFAULT_TLS_HANDSHAKE_TIMEOUT`], 10s.
     #[serde(with = "duration_str")]
     pub handshake_timeout: Duration,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Limits {
-    /// Largest request head (request line and headers) accepted; more gets 431. Default 64KiB.
+    /// Largest request head (request line and headers) accepted, in bytes; more gets 431.
+    /// Default [`DEFAULT_MAX_HEADER_BYTES`], 64KiB; 1KiB..1MiB.
     pub max_header_bytes: usize,
-    /// How long a client may take to send a request head; slower ones are cut. Default 10s.
+    /// How long a client may take to send a request head; slower ones are cut. Default
+    /// [`DEFAULT_HEADER_READ_TIMEOUT`], 10s.
     #[serde(with = "duration_str")]
     pub header_read_timeout: Duration,
     /// A connection with no request in flight and no bytes moving this long is closed.
-    /// Default 60s.
+    /// Default [`DEFAULT_IDLE_TIMEOUT`], 60s.
     #[serde(with = "duration_str")]
     pub idle_timeout: Duration,
-    /// Open connections on this listener; more are accepted and closed at once. Default 10000.
+    /// Open connections on this listener; more are accepted and closed at once. Default
+    /// [`DEFAULT_MAX_CONNECTIONS`], 10000.
     pub max_connections: usize,
 }
 

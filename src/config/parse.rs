@@ -33,8 +33,9 @@ impl<'a> Ctx<'a> {
         self.problems.push(Problem { path: path.into(), message: message.into() });
     }
 
-    pub(super) fn addr(&mut self, path: &str, raw: Option<&str>, default: &str) -> SocketAddr {
-        let text = raw.unwrap_or(default);
+    /// `text` as an address. A bad one is reported and replaced by a placeholder, port 0,
+    /// which callers use to skip checks that would only repeat the problem.
+    pub(super) fn addr(&mut self, path: &str, text: &str) -> SocketAddr {
         match parse_socket_addr(text) {
             Ok(a) => a,
             Err(m) => {

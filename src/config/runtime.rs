@@ -7,6 +7,10 @@ use serde::{Deserialize, Serialize};
 
 use super::parse::Ctx;
 
+/// The contract's (INTERFACE.md): 0 means one worker per CPU the process may use, which
+/// follows the pod's CPU limit without the file repeating it.
+pub const DEFAULT_WORKER_THREADS: usize = 0;
+
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub(super) struct RawRuntime {
@@ -14,7 +18,7 @@ pub(super) struct RawRuntime {
 }
 
 pub(super) fn validate(raw: RawRuntime, cx: &mut Ctx) -> RuntimeConfig {
-    let worker_threads = raw.worker_threads.unwrap_or(0);
+    let worker_threads = raw.worker_threads.unwrap_or(DEFAULT_WORKER_THREADS as u64);
     if worker_threads > 1024 {
         cx.bad("runtime.worker_threads", format!("{worker_threads} is more than 1024"));
     }
@@ -23,6 +27,7 @@ pub(super) fn validate(raw: RawRuntime, cx: &mut Ctx) -> RuntimeConfig {
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct RuntimeConfig {
-    /// Worker threads of the data plane. 0 (default): one per CPU this process may use.
+    /// Worker threads of the data plane. 0 (the default, [`DEFAULT_WORKER_THREADS`]): one per
+    /// CPU this process may use.
     pub worker_threads: usize,
 }

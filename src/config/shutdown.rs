@@ -8,6 +8,10 @@ use serde::{Deserialize, Serialize};
 
 use super::parse::{Ctx, Scalar, duration_str};
 
+/// The contract's (INTERFACE.md): under Kubernetes' default `terminationGracePeriodSeconds`
+/// of 30s, so a drain ends before the kubelet's SIGKILL with time left to exit.
+pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(20);
+
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub(super) struct RawShutdown {
@@ -19,14 +23,15 @@ pub(super) fn validate(raw: RawShutdown, cx: &mut Ctx) -> ShutdownConfig {
         drain_timeout: cx.duration(
             "shutdown.drain_timeout",
             raw.drain_timeout.as_ref(),
-            Duration::from_secs(20),
+            DEFAULT_DRAIN_TIMEOUT,
         ),
     }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct ShutdownConfig {
-    /// Longest wait for in-flight requests after a drain begins. Default 20s.
+    /// Longest wait for in-flight requests after a drain begins. Default
+    /// [`DEFAULT_DRAIN_TIMEOUT`], 20s.
     #[serde(with = "duration_str")]
     pub drain_timeout: Duration,
 }
