@@ -15,6 +15,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 
+use crate::config::app::TCP_CHECK_INTERVAL;
 use crate::config::{Config, HttpVersion};
 use crate::drain::Readiness;
 
@@ -42,7 +43,7 @@ pub async fn run(mut config: watch::Receiver<Arc<Config>>, readiness: Arc<Readin
         let app = config.borrow_and_update().app.clone();
         let (interval, timeout) = match &app.health {
             Some(h) => (h.interval, h.timeout),
-            None => (app.tcp_check_interval, app.tcp_check_interval),
+            None => (TCP_CHECK_INTERVAL, TCP_CHECK_INTERVAL),
         };
         let result = match tokio::time::timeout(timeout, check(&app)).await {
             Ok(r) => r,

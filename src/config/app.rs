@@ -47,12 +47,7 @@ struct RawHealth {
 pub(super) fn validate(raw: RawApp, cx: &mut Ctx) -> AppConfig {
     let address = raw.address.map_or(DEFAULT_APP_ADDRESS, |a| cx.addr("app.address", &a));
     let health = raw.health.map(|h| validate_health(h, cx));
-    AppConfig {
-        address,
-        http: raw.http.unwrap_or(DEFAULT_APP_HTTP),
-        health,
-        tcp_check_interval: TCP_CHECK_INTERVAL,
-    }
+    AppConfig { address, http: raw.http.unwrap_or(DEFAULT_APP_HTTP), health }
 }
 
 fn validate_health(h: RawHealth, cx: &mut Ctx) -> HealthConfig {
@@ -85,12 +80,9 @@ pub struct AppConfig {
     pub address: SocketAddr,
     /// What the app speaks. Default [`DEFAULT_APP_HTTP`], `auto`.
     pub http: HttpVersion,
-    /// How `/ready` learns the app is healthy. `None`: a TCP connect to `address`.
-    pub health: Option<HealthConfig>,
-    /// Interval and timeout of the TCP connect check used when `health` is omitted: always
+    /// How `/ready` learns the app is healthy. `None`: a TCP connect to `address`, every
     /// [`TCP_CHECK_INTERVAL`].
-    #[serde(with = "duration_str")]
-    pub tcp_check_interval: Duration,
+    pub health: Option<HealthConfig>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
