@@ -30,3 +30,16 @@ pub struct AdminConfig {
     /// never a public address unless the file says so.
     pub listen: SocketAddr,
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::tests::smallest;
+
+    #[test]
+    fn default_is_what_the_smallest_config_gets() {
+        assert_eq!(smallest().admin.listen, DEFAULT_ADMIN_LISTEN);
+        // The reason for the default: `/shutdown` must not be reachable from the network.
+        assert!(DEFAULT_ADMIN_LISTEN.ip().is_loopback());
+    }
+}

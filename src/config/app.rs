@@ -96,3 +96,27 @@ pub struct HealthConfig {
     #[serde(with = "duration_str")]
     pub timeout: Duration,
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::tests::{SMALLEST, parse_str, smallest};
+
+    #[test]
+    fn defaults_are_what_the_smallest_config_gets() {
+        let app = smallest().app;
+        assert_eq!(app, AppConfig { address: DEFAULT_APP_ADDRESS, http: DEFAULT_APP_HTTP, health: None });
+    }
+
+    /// `health` has no defaults of its own until it is written, so it is checked as `{}`.
+    #[test]
+    fn health_defaults_are_what_an_empty_health_gets() {
+        let c = parse_str(&format!("{SMALLEST}app: {{ health: {{}} }}\n")).unwrap();
+        let health = HealthConfig {
+            path: DEFAULT_HEALTH_PATH.to_owned(),
+            interval: DEFAULT_HEALTH_INTERVAL,
+            timeout: DEFAULT_HEALTH_TIMEOUT,
+        };
+        assert_eq!(c.app.health, Some(health));
+    }
+}

@@ -297,7 +297,55 @@ pub struct Limits {
 
 #[cfg(test)]
 mod tests {
-    use crate::config::tests::parse_str;
+    use super::*;
+    use crate::config::tests::{parse_str, smallest};
+
+    #[test]
+    fn defaults_are_what_the_smallest_config_gets() {
+        let c = smallest();
+        let l = &c.inbound[0];
+        assert_eq!(l.protocol, DEFAULT_PROTOCOL);
+        assert_eq!(l.target, c.app.address);
+        assert_eq!(l.tls, None);
+        assert_eq!(l.request_timeout, DEFAULT_REQUEST_TIMEOUT);
+        assert_eq!(l.connect_timeout, DEFAULT_CONNECT_TIMEOUT);
+        assert_eq!(
+            l.limits,
+            Limits {
+                max_header_bytes: DEFAULT_MAX_HEADER_BYTES,
+                header_read_timeout: DEFAULT_HEADER_READ_TIMEOUT,
+                idle_timeout: DEFAULT_IDLE_TIMEOUT,
+                max_connections: DEFAULT_MAX_CONNECTIONS,
+            }
+        );
+    }
+
+    /// Inbound TLS is built: a listener with both files is accepted as written (the files
+    /// themselves are read later, by `tls::check_files`).
+    #[test]
+    fn listener_with_tls_cert_and_key_parses() {
+        let c = parse_str("inbound: [{name: a, listen: 127.0.0.1:1, tls: {cert: a, key: b}}]\n").unwrap();
+        let tls = InboundTls {
+            cert: PathBuf::from("a"),
+            key: PathBuf::from("b"),
+            client_ca: None,
+            allowed_identities: vec![],
+            handshake_timeout: DEFAULT_TLS_HANDSHAKE_TIMEOUT,
+        };
+        assert_eq!(c.inbound[0].tls, Some(tls));
+    }
+
+    #[test]
+    fn tls_without_a_key_is_refused_at_the_key() {
+        let err = parse_str("inbound: [{name: a, listen: 127.0.0.1:1, tls: {cert: a}}]\n").unwrap_err();
+        assert_eq!(
+            err.problems,
+            [crate::config::Problem {
+                path: "inbound[0].tls.key".to_owned(),
+                message: "missing: a PEM file path".to_owned()
+            }]
+        );
+    }
 
     #[test]
     fn duplicate_names_and_addresses() {

@@ -31,3 +31,14 @@ pub struct RuntimeConfig {
     /// CPU this process may use.
     pub worker_threads: usize,
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::tests::smallest;
+
+    #[test]
+    fn default_is_what_the_smallest_config_gets() {
+        assert_eq!(smallest().runtime.worker_threads, DEFAULT_WORKER_THREADS);
+    }
+}

@@ -35,3 +35,14 @@ pub struct ShutdownConfig {
     #[serde(with = "duration_str")]
     pub drain_timeout: Duration,
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::tests::smallest;
+
+    #[test]
+    fn default_is_what_the_smallest_config_gets() {
+        assert_eq!(smallest().shutdown.drain_timeout, DEFAULT_DRAIN_TIMEOUT);
+    }
+}

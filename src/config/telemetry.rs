@@ -117,3 +117,22 @@ impl Serialize for AccessLogPath {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::tests::smallest;
+
+    #[test]
+    fn defaults_are_what_the_smallest_config_gets() {
+        let t = smallest().telemetry;
+        assert_eq!(t.log_level, DEFAULT_LOG_LEVEL);
+        assert_eq!(t.log_format, DEFAULT_LOG_FORMAT);
+        let access_log = AccessLogConfig {
+            enabled: DEFAULT_ACCESS_LOG_ENABLED,
+            format: DEFAULT_ACCESS_LOG_FORMAT,
+            path: DEFAULT_ACCESS_LOG_PATH,
+        };
+        assert_eq!(t.access_log, access_log);
+    }
+}
