@@ -58,10 +58,11 @@ pub fn run(config: Config, path: Option<PathBuf>, log: Option<LogHandle>) -> any
 }
 
 async fn serve(config: Config, path: Option<PathBuf>, log: Option<LogHandle>) -> anyhow::Result<Exit> {
-    let metrics = Arc::new(Metrics::new());
+    let mut metrics = Metrics::new();
     let readiness = Readiness::new();
     let (drain, drain_watch) = Drain::new();
-    let access_log = AccessLog::start(&config.telemetry.access_log, metrics.access_log_dropped.clone())?;
+    let access_log = AccessLog::start(&config.telemetry.access_log, &mut metrics.registry)?;
+    let metrics = Arc::new(metrics);
 
     let (config_tx, config_rx) = watch::channel(Arc::new(config.clone()));
     let (shutdown_tx, mut shutdown_rx) = mpsc::channel(1);

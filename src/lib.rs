@@ -7,6 +7,7 @@ pub mod app;
 pub mod config;
 pub mod demo;
 pub mod drain;
+pub mod files;
 pub mod health;
 pub mod inbound;
 pub mod proxy;

@@ -1,25 +1,36 @@
 //! The access log: one JSON object a line, written by its own thread.
 //!
-//! The request path hands a small record to a bounded channel and never waits: when the
-//! writer falls behind (a slow disk, a stdout pipe nobody reads) records are dropped and
-//! counted in `sidecar_access_log_dropped_total`, because a proxy that stalls on its log stalls
-//! every request.
+//! The request path hands a small record to a bounded channel and never waits, because a proxy
+//! that stalls on its log stalls every request. Every record that does not reach the
+//! destination is counted in `sidecar_access_log_dropped_total`, by reason: `queue_full` (the
+//! writer fell behind: a slow disk, a stdout pipe nobody reads) or `write_error` (the
+//! destination refused the bytes: a full disk, a closed pipe). The writer keeps trying later
+//! records, so a destination that recovers is written again. Owns its metric family.
 
-use std::io::Write;
+use std::io::{self, Write};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use http::{Method, Uri, Version};
+use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::registry::Registry;
 use serde::Serialize;
 use tokio::sync::mpsc;
+use tokio::sync::mpsc::error::TrySendError;
 
 use crate::config::{AccessLogConfig, AccessLogPath};
 
 /// Records waiting for the writer. At 100k req/s this is 160 ms of traffic: room for a
 /// scheduling hiccup, small enough (about 2 MiB) not to matter for memory.
 const QUEUE: usize = 16 * 1024;
+
+/// Formatted bytes per write: everything queued up to this goes in one syscall, the size the
+/// `BufWriter` this replaced had. It is also the unit of retrying a broken destination: at
+/// most one write attempt per batch, so a dead one costs one failed syscall per 64 KiB.
+const BATCH: usize = 64 * 1024;
 
 /// What the request path knows about one finished request.
 pub struct AccessRecord {
@@ -58,11 +69,39 @@ struct Line<'a> {
     error: Option<&'a str>,
 }
 
+/// The labels of `sidecar_access_log_dropped_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DropLabels {
+    /// `queue_full` or `write_error`.
+    pub reason: &'static str,
+}
+
 /// The sending side, cloned into every listener. Disabled logs have no channel at all.
 #[derive(Clone)]
 pub struct AccessLog {
     tx: Option<mpsc::Sender<AccessRecord>>,
-    dropped: Counter,
+    /// Resolved once, so the request path never hashes a label set.
+    queue_full: Counter,
+    write_error: Counter,
+}
+
+/// The writer thread's state: records formatted into one batch, each batch written with one
+/// attempt, and what did not reach the destination counted.
+struct Writer<W> {
+    out: W,
+    /// Where the lines go, for the operator: `stdout` or the file's path.
+    dest: String,
+    batch: Vec<u8>,
+    /// Where each record of `batch` ends, so a short write is accounted record by record.
+    ends: Vec<usize>,
+    /// `sidecar_access_log_dropped_total{reason="write_error"}`.
+    lost: Counter,
+    /// Records lost since the destination last took a whole batch; `None` while it writes.
+    /// The first error of a burst is logged, the rest are only counted.
+    burst: Option<u64>,
+    /// A short write left a line cut: the next batch starts with a newline, so the records
+    /// after it are still one a line (the cut one is lost and counted).
+    torn: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -73,27 +112,32 @@ pub struct AccessLogError {
 }
 
 impl AccessLog {
-    /// Opens the destination and starts the writer thread.
-    pub fn start(config: &AccessLogConfig, dropped: Counter) -> Result<Self, AccessLogError> {
+    /// Registers `access_log_dropped` on `registry`, opens the destination and starts the
+    /// writer thread. A disabled log registers its (idle) counters too: the names are public.
+    pub fn start(config: &AccessLogConfig, registry: &mut Registry) -> Result<Self, AccessLogError> {
+        let (queue_full, write_error) = register(registry);
         if !config.enabled {
-            return Ok(AccessLog { tx: None, dropped });
+            return Ok(AccessLog { tx: None, queue_full, write_error });
         }
-        let out: Box<dyn Write + Send> = match &config.path {
-            AccessLogPath::Stdout => Box::new(std::io::stdout()),
-            AccessLogPath::File(p) => Box::new(
-                std::fs::OpenOptions::new()
+        let (dest, out): (String, Box<dyn Write + Send>) = match &config.path {
+            AccessLogPath::Stdout => ("stdout".into(), Box::new(std::io::stdout())),
+            AccessLogPath::File(p) => {
+                let dest = p.display().to_string();
+                let file = std::fs::OpenOptions::new()
                     .create(true)
                     .append(true)
                     .open(p)
-                    .map_err(|error| AccessLogError { path: p.display().to_string(), error })?,
-            ),
+                    .map_err(|error| AccessLogError { path: dest.clone(), error })?;
+                (dest, Box::new(file))
+            }
         };
+        let writer = Writer::new(out, dest, write_error.clone());
         let (tx, rx) = mpsc::channel(QUEUE);
         std::thread::Builder::new()
             .name("access-log".into())
-            .spawn(move || write_loop(rx, out))
+            .spawn(move || write_loop(rx, writer))
             .map_err(|error| AccessLogError { path: "thread".into(), error })?;
-        Ok(AccessLog { tx: Some(tx), dropped })
+        Ok(AccessLog { tx: Some(tx), queue_full, write_error })
     }
 
     pub fn enabled(&self) -> bool {
@@ -101,29 +145,144 @@ impl AccessLog {
     }
 
     pub fn log(&self, record: AccessRecord) {
-        if let Some(tx) = &self.tx
-            && tx.try_send(record).is_err()
-        {
-            self.dropped.inc();
+        let Some(tx) = &self.tx else { return };
+        match tx.try_send(record) {
+            Ok(()) => {}
+            Err(TrySendError::Full(_)) => {
+                self.queue_full.inc();
+            }
+            // The writer thread is gone (it panicked): nothing will ever write the record.
+            Err(TrySendError::Closed(_)) => {
+                self.write_error.inc();
+            }
         }
     }
 }
 
-fn write_loop(mut rx: mpsc::Receiver<AccessRecord>, out: Box<dyn Write + Send>) {
-    let mut out = std::io::BufWriter::with_capacity(64 * 1024, out);
+/// Registers `sidecar_access_log_dropped_total` and creates both series at 0, so they exist
+/// (and a rate alert has data) before the first loss. Returns (`queue_full`, `write_error`).
+fn register(registry: &mut Registry) -> (Counter, Counter) {
+    let dropped = Family::<DropLabels, Counter>::default();
+    registry.register(
+        "access_log_dropped",
+        "Access-log records lost, by reason: queue_full (the writer fell behind), \
+         write_error (the destination refused the bytes)",
+        dropped.clone(),
+    );
+    let queue_full = dropped.get_or_create(&DropLabels { reason: "queue_full" }).clone();
+    let write_error = dropped.get_or_create(&DropLabels { reason: "write_error" }).clone();
+    (queue_full, write_error)
+}
+
+fn write_loop<W: Write>(mut rx: mpsc::Receiver<AccessRecord>, mut writer: Writer<W>) {
     while let Some(first) = rx.blocking_recv() {
-        let mut next = Some(first);
-        // Write everything already queued, then flush once: one syscall per burst.
-        while let Some(rec) = next {
-            let _ = write_record(&mut out, &rec);
-            next = rx.try_recv().ok();
+        writer.push(&first);
+        // Everything already queued, up to a batch, goes in one write. Waiting on the channel
+        // between batches is also what keeps a dead destination from spinning this thread.
+        while writer.batch.len() < BATCH
+            && let Ok(rec) = rx.try_recv()
+        {
+            writer.push(&rec);
         }
-        if out.flush().is_err() {
-            // stdout closed: nothing more can be written; drain so senders never block.
-            while rx.blocking_recv().is_some() {}
-            return;
+        writer.write_batch();
+    }
+}
+
+impl<W: Write> Writer<W> {
+    fn new(out: W, dest: String, lost: Counter) -> Self {
+        Writer {
+            out,
+            dest,
+            batch: Vec::with_capacity(BATCH + 4096),
+            ends: Vec::new(),
+            lost,
+            burst: None,
+            torn: false,
         }
     }
+
+    fn push(&mut self, record: &AccessRecord) {
+        if self.batch.is_empty() && self.torn {
+            self.batch.push(b'\n');
+        }
+        let start = self.batch.len();
+        if write_record(&mut self.batch, record).is_err() {
+            // Formatting into memory cannot fail for these plain fields; were it to, the
+            // record is lost all the same, and counted.
+            self.batch.truncate(start);
+            self.lost.inc();
+            return;
+        }
+        self.ends.push(self.batch.len());
+    }
+
+    /// Writes the batch with one attempt, counts the records that did not reach the
+    /// destination, and empties the batch either way: nothing is retried, so nothing is
+    /// counted twice.
+    fn write_batch(&mut self) {
+        if self.ends.is_empty() {
+            self.batch.clear();
+            return;
+        }
+        let (written, result) = write_counted(&mut self.out, &self.batch);
+        // What a failed flush held is unknown: count the whole batch as lost. (Stdout and
+        // files hold nothing: stdout's line buffer passes newline-ended writes straight on.)
+        let (delivered, result) = match result.and_then(|()| self.out.flush()) {
+            Ok(()) => (self.ends.len(), Ok(())),
+            Err(e) if written == self.batch.len() => (0, Err(e)),
+            Err(e) => (self.ends.partition_point(|&end| end <= written), Err(e)),
+        };
+        let lost = (self.ends.len() - delivered) as u64;
+        match result {
+            Ok(()) => {
+                self.torn = false;
+                if let Some(lost) = self.burst.take() {
+                    tracing::warn!(path = %self.dest, lost, "access log writing again");
+                }
+            }
+            Err(error) => {
+                self.lost.inc_by(lost);
+                if written > 0 {
+                    // Cut inside a record (not at a record's end, nor right after the
+                    // leading newline of a previous cut)?
+                    let lead = usize::from(self.batch.first() == Some(&b'\n'));
+                    self.torn = written != lead && self.ends.binary_search(&written).is_err();
+                }
+                match &mut self.burst {
+                    Some(n) => *n += lost,
+                    None => {
+                        tracing::error!(
+                            path = %self.dest,
+                            %error,
+                            lost,
+                            "access log write failed; records are dropped and counted in \
+                             sidecar_access_log_dropped_total{{reason=\"write_error\"}} until it writes again"
+                        );
+                        self.burst = Some(lost);
+                    }
+                }
+            }
+        }
+        self.batch.clear();
+        self.ends.clear();
+    }
+}
+
+/// `write_all` that also says how many bytes went out before an error.
+fn write_counted(out: &mut impl Write, mut buf: &[u8]) -> (usize, io::Result<()>) {
+    let mut written = 0;
+    while !buf.is_empty() {
+        match out.write(buf) {
+            Ok(0) => return (written, Err(io::ErrorKind::WriteZero.into())),
+            Ok(n) => {
+                written += n;
+                buf = buf.get(n..).unwrap_or_default();
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return (written, Err(e)),
+        }
+    }
+    (written, Ok(()))
 }
 
 fn write_record(out: &mut impl Write, r: &AccessRecord) -> std::io::Result<()> {
@@ -176,9 +335,8 @@ pub fn trace_id(traceparent: Option<&http::HeaderValue>) -> Option<Box<str>> {
 mod tests {
     use super::*;
 
-    #[test]
-    fn record_is_one_json_line_with_the_public_fields() {
-        let rec = AccessRecord {
+    fn record() -> AccessRecord {
+        AccessRecord {
             start: SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000),
             direction: "inbound",
             listener: "web".into(),
@@ -193,7 +351,149 @@ mod tests {
             peer_identity: None,
             trace_id: Some("4bf92f3577b34da6a3ce929d0e0e4736".into()),
             error: None,
+        }
+    }
+
+    /// A destination that refuses the next `fail` writes (a full disk), after accepting
+    /// `accept` bytes of the first one if set (a short write).
+    #[derive(Default)]
+    struct Flaky {
+        out: Vec<u8>,
+        fail: usize,
+        accept: Option<usize>,
+        writes: usize,
+    }
+
+    impl Write for Flaky {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            self.writes += 1;
+            if let Some(n) = self.accept.take() {
+                self.out.extend_from_slice(&buf[..n]);
+                return Ok(n);
+            }
+            if self.fail > 0 {
+                self.fail -= 1;
+                return Err(io::Error::new(io::ErrorKind::StorageFull, "no space left on device"));
+            }
+            self.out.extend_from_slice(buf);
+            Ok(buf.len())
+        }
+
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    fn batch(w: &mut Writer<Flaky>, records: usize) {
+        for _ in 0..records {
+            w.push(&record());
+        }
+        w.write_batch();
+    }
+
+    fn exposition(registry: &Registry) -> String {
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, registry).unwrap();
+        out
+    }
+
+    const QUEUE_FULL: &str = "sidecar_access_log_dropped_total{reason=\"queue_full\"}";
+    const WRITE_ERROR: &str = "sidecar_access_log_dropped_total{reason=\"write_error\"}";
+
+    #[test]
+    fn both_reasons_exist_at_zero_before_the_first_loss() {
+        let mut registry = Registry::with_prefix("sidecar");
+        let config = AccessLogConfig {
+            enabled: false,
+            format: crate::config::LogFormat::Json,
+            path: AccessLogPath::Stdout,
         };
+        let log = AccessLog::start(&config, &mut registry).unwrap();
+        assert!(!log.enabled());
+        let out = exposition(&registry);
+        assert!(out.contains(&format!("{QUEUE_FULL} 0")), "{out}");
+        assert!(out.contains(&format!("{WRITE_ERROR} 0")), "{out}");
+    }
+
+    #[test]
+    fn a_full_queue_is_counted_as_queue_full() {
+        let mut registry = Registry::with_prefix("sidecar");
+        let (queue_full, write_error) = register(&mut registry);
+        // A writer that never reads: the queue holds one record, the next two are dropped.
+        let (tx, _rx) = mpsc::channel(1);
+        let log = AccessLog { tx: Some(tx), queue_full, write_error };
+        for _ in 0..3 {
+            log.log(record());
+        }
+        let out = exposition(&registry);
+        assert!(out.contains(&format!("{QUEUE_FULL} 2")), "{out}");
+        assert!(out.contains(&format!("{WRITE_ERROR} 0")), "{out}");
+    }
+
+    #[test]
+    fn write_errors_are_counted_once_and_the_writer_recovers() {
+        let mut registry = Registry::with_prefix("sidecar");
+        let (queue_full, write_error) = register(&mut registry);
+        let mut w = Writer::new(Flaky::default(), "test".into(), write_error.clone());
+
+        batch(&mut w, 2);
+        assert_eq!(write_error.get(), 0);
+        // The disk fills: two batches (3 and 2 records) fail, one write attempt each.
+        w.out.fail = 2;
+        batch(&mut w, 3);
+        assert_eq!(write_error.get(), 3);
+        assert_eq!(w.burst, Some(3));
+        batch(&mut w, 2);
+        assert_eq!(write_error.get(), 5);
+        assert_eq!(w.out.writes, 3, "one write attempt per batch");
+        // Space again: the next batch is written, and the lost ones are not counted again.
+        batch(&mut w, 1);
+        assert_eq!(w.out.writes, 4);
+        assert_eq!(w.burst, None);
+        batch(&mut w, 1);
+        assert_eq!(write_error.get(), 5);
+        assert_eq!(queue_full.get(), 0);
+
+        let text = std::str::from_utf8(&w.out.out).unwrap();
+        assert_eq!(text.lines().count(), 4, "{text}");
+        for line in text.lines() {
+            serde_json::from_str::<serde_json::Value>(line).unwrap();
+        }
+        let out = exposition(&registry);
+        assert!(out.contains(&format!("{WRITE_ERROR} 5")), "{out}");
+        assert!(out.contains(&format!("{QUEUE_FULL} 0")), "{out}");
+    }
+
+    #[test]
+    fn a_short_write_counts_only_the_records_it_did_not_deliver() {
+        let lost = Counter::default();
+        let mut w = Writer::new(Flaky::default(), "test".into(), lost.clone());
+        let mut one = Vec::new();
+        write_record(&mut one, &record()).unwrap();
+
+        // The first record and part of the second go out, then the disk is full.
+        w.out.accept = Some(one.len() + 10);
+        w.out.fail = 1;
+        batch(&mut w, 3);
+        assert_eq!(lost.get(), 2);
+        assert!(w.torn);
+
+        batch(&mut w, 1);
+        assert_eq!(lost.get(), 2);
+        assert!(!w.torn);
+        // The cut record is a broken line of its own; the next record starts a new line.
+        let text = std::str::from_utf8(&w.out.out).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 3, "{text}");
+        assert_eq!(lines[1].len(), 10);
+        for line in [lines[0], lines[2]] {
+            serde_json::from_str::<serde_json::Value>(line).unwrap();
+        }
+    }
+
+    #[test]
+    fn record_is_one_json_line_with_the_public_fields() {
+        let rec = record();
         let mut out = Vec::new();
         write_record(&mut out, &rec).unwrap();
         let v: serde_json::Value = serde_json::from_slice(&out).unwrap();

@@ -126,7 +126,8 @@ impl EncodeMetric for LatencyHistogram {
     }
 }
 
-/// Every metric family of the process, registered once at start.
+/// The shared registry and the families the listeners and the app loop use, registered once
+/// at start. Modules with metrics of their own (the access log) register them on `registry`.
 pub struct Metrics {
     pub registry: Registry,
     inbound_requests: Family<StatusLabels, Counter>,
@@ -137,7 +138,6 @@ pub struct Metrics {
     tls_expiry: Family<ListenerLabels, Gauge>,
     pub app_ready: Gauge,
     config_reloads: Family<ResultLabels, Counter>,
-    pub access_log_dropped: Counter,
 }
 
 impl Metrics {
@@ -179,12 +179,6 @@ impl Metrics {
         registry.register("app_ready", "1 when the app passes its health check", app_ready.clone());
         let config_reloads = Family::<ResultLabels, Counter>::default();
         registry.register("config_reloads", "Config reloads, by result", config_reloads.clone());
-        let access_log_dropped = Counter::default();
-        registry.register(
-            "access_log_dropped",
-            "Access-log records dropped because the writer fell behind",
-            access_log_dropped.clone(),
-        );
         Metrics {
             registry,
             inbound_requests,
@@ -195,7 +189,6 @@ impl Metrics {
             tls_expiry,
             app_ready,
             config_reloads,
-            access_log_dropped,
         }
     }
 
