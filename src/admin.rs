@@ -16,9 +16,11 @@ use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use tokio::sync::{mpsc, watch};
 
+use prometheus_client::registry::Registry;
+
 use crate::config::Config;
-use crate::drain::Readiness;
-use crate::telemetry::{LogHandle, Metrics};
+use crate::readiness::Readiness;
+use crate::telemetry::{LogHandle, metrics};
 
 /// A `PUT /log-level` body larger than this is refused: a filter is a line of text.
 const MAX_FILTER_BYTES: usize = 4096;
@@ -27,7 +29,8 @@ const MAX_FILTER_BYTES: usize = 4096;
 #[derive(Clone)]
 pub struct AdminState {
     pub readiness: Arc<Readiness>,
-    pub metrics: Arc<Metrics>,
+    /// Every family, registered by its module at start.
+    pub registry: Arc<Registry>,
     pub config: watch::Receiver<Arc<Config>>,
     pub log: Option<LogHandle>,
     /// `POST /shutdown` sends here; the process begins its drain.
@@ -102,10 +105,14 @@ async fn route(req: Request<Incoming>, state: &AdminState) -> Response<Full<Byte
     let method = req.method().clone();
     match (path, &method) {
         ("/live", &Method::GET | &Method::HEAD) => text(StatusCode::OK, "live\n"),
-        ("/ready", &Method::GET | &Method::HEAD) => match state.readiness.not_ready_reason() {
-            None => text(StatusCode::OK, "ready\n"),
-            Some(why) => text(StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {why}\n")),
-        },
+        ("/ready", &Method::GET | &Method::HEAD) => {
+            let waiting = state.readiness.not_ready();
+            if waiting.is_empty() {
+                text(StatusCode::OK, "ready\n")
+            } else {
+                text(StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {}\n", waiting.join(", ")))
+            }
+        }
         ("/metrics", &Method::GET) => metrics(&req, state),
         ("/config", &Method::GET) => config(&req, state),
         ("/log-level", &Method::GET) => match &state.log {
@@ -134,7 +141,7 @@ fn wants(req: &Request<Incoming>, needle: &str) -> bool {
 
 fn metrics(req: &Request<Incoming>, state: &AdminState) -> Response<Full<Bytes>> {
     let mut out = String::with_capacity(16 * 1024);
-    if let Err(e) = state.metrics.encode(&mut out) {
+    if let Err(e) = metrics::encode(&state.registry, &mut out) {
         return text(StatusCode::INTERNAL_SERVER_ERROR, format!("encoding metrics: {e}\n"));
     }
     // prometheus-client writes OpenMetrics text; its `# EOF` is a comment to the classic

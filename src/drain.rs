@@ -1,4 +1,4 @@
-//! The drain signal every long-lived task takes, and the readiness registry behind `/ready`.
+//! The drain signal every long-lived task takes.
 //!
 //! Draining works by counting: each connection holds a `DrainWatch`; when the drain begins
 //! they finish what is in flight and drop it, and `Drain::wait` returns once none is left.
@@ -58,45 +58,6 @@ impl DrainWatch {
     }
 }
 
-/// What `/ready` is made of. Cheap to read from the admin thread.
-#[derive(Default)]
-pub struct Readiness {
-    listeners_bound: AtomicBool,
-    app_healthy: AtomicBool,
-    draining: AtomicBool,
-}
-
-impl Readiness {
-    pub fn new() -> Arc<Self> {
-        Arc::default()
-    }
-
-    pub fn set_listeners_bound(&self) {
-        self.listeners_bound.store(true, Ordering::Release);
-    }
-
-    pub fn set_app_healthy(&self, healthy: bool) {
-        self.app_healthy.store(healthy, Ordering::Release);
-    }
-
-    pub fn set_draining(&self) {
-        self.draining.store(true, Ordering::Release);
-    }
-
-    /// Why the pod is not ready, or `None` when it is.
-    pub fn not_ready_reason(&self) -> Option<&'static str> {
-        if self.draining.load(Ordering::Acquire) {
-            Some("draining")
-        } else if !self.listeners_bound.load(Ordering::Acquire) {
-            Some("listeners not bound yet")
-        } else if !self.app_healthy.load(Ordering::Acquire) {
-            Some("app not healthy")
-        } else {
-            None
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -114,16 +75,5 @@ mod tests {
         drain.start();
         assert!(drain.wait(Duration::from_secs(5)).await);
         task.await.unwrap();
-    }
-
-    #[test]
-    fn readiness_needs_everything() {
-        let r = Readiness::new();
-        assert!(r.not_ready_reason().is_some());
-        r.set_listeners_bound();
-        r.set_app_healthy(true);
-        assert_eq!(r.not_ready_reason(), None);
-        r.set_draining();
-        assert_eq!(r.not_ready_reason(), Some("draining"));
     }
 }

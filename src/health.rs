@@ -17,7 +17,10 @@ use tokio::sync::watch;
 
 use crate::config::app::TCP_CHECK_INTERVAL;
 use crate::config::{Config, HttpVersion};
-use crate::drain::Readiness;
+use prometheus_client::registry::Registry;
+
+use crate::drain::DrainWatch;
+use crate::readiness::ReadyHandle;
 
 /// Failed checks in a row that make a healthy app unready (what the issue and Kubernetes'
 /// own `failureThreshold` default ask for).
@@ -35,8 +38,21 @@ enum CheckError {
     Timeout(Duration),
 }
 
-/// Runs until the config channel closes (the process is exiting).
-pub async fn run(mut config: watch::Receiver<Arc<Config>>, readiness: Arc<Readiness>, gauge: Gauge) {
+/// `sidecar_app_ready`, registered on the shared registry; `run` keeps it current.
+pub fn register_metrics(registry: &mut Registry) -> Gauge {
+    let gauge = Gauge::default();
+    registry.register("app_ready", "1 when the app passes its health check", gauge.clone());
+    gauge
+}
+
+/// Checks the app until the drain begins or the config channel closes, feeding `ready`
+/// (the readiness task `app`) and `gauge`.
+pub async fn run(
+    mut config: watch::Receiver<Arc<Config>>,
+    ready: ReadyHandle,
+    gauge: Gauge,
+    mut drain: DrainWatch,
+) {
     let mut failures = 0u32;
     let mut healthy = false;
     loop {
@@ -67,11 +83,12 @@ pub async fn run(mut config: watch::Receiver<Arc<Config>>, readiness: Arc<Readin
                 }
             }
         }
-        readiness.set_app_healthy(healthy);
+        ready.set(healthy);
         gauge.set(healthy as i64);
         tokio::select! {
             _ = tokio::time::sleep(interval) => {}
             changed = config.changed() => if changed.is_err() { return },
+            _ = drain.signaled() => return,
         }
     }
 }

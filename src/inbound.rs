@@ -8,6 +8,10 @@
 mod guard;
 mod http;
 mod io;
+mod limit;
+pub mod metrics;
+mod sticky;
+mod supervise;
 mod tcp;
 mod tls;
 
@@ -17,13 +21,16 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::{TcpListener, TcpSocket};
-use tokio::sync::{Semaphore, watch};
+use tokio::sync::watch;
+use tracing::Instrument as _;
 
+pub use self::limit::ConnLimit;
+pub use self::metrics::{InboundMetrics, ListenerMetrics, Reject};
 use crate::config::{Config, HttpVersion, InboundConfig, InboundTls, Protocol};
 use crate::drain::DrainWatch;
-use crate::proxy::pool::Pool;
-use crate::telemetry::metrics::{ListenerMetrics, Reject};
-use crate::telemetry::{AccessLog, Metrics};
+use crate::files::FileWatcher;
+use crate::proxy::pool::{Endpoint, EndpointKey, Pool, Proto};
+use crate::telemetry::AccessLog;
 use crate::tls::ServerTls;
 
 /// Pending connections the kernel queues per listener (what nginx and Envoy use).
@@ -37,44 +44,61 @@ pub enum ApplyError {
     Tls { name: String, error: crate::tls::TlsError },
 }
 
-/// Everything a connection on one listener needs; replaced whole on reload.
+/// Everything a new connection on one listener needs; replaced whole on reload, so open
+/// connections keep the settings they started with.
 pub struct ListenerCtx {
     pub config: InboundConfig,
     pub app_http: HttpVersion,
     pub metrics: Arc<ListenerMetrics>,
-    pub pool: Arc<Pool>,
+    /// The app, as HTTP/1.1 and as HTTP/2 (which one a request takes is `app_http`'s call).
+    pub app_h1: Arc<Endpoint>,
+    pub app_h2: Arc<Endpoint>,
     pub access_log: AccessLog,
-    /// TLS termination, when configured; rotated in place by `tls::server::watch`.
+    /// TLS termination, when configured; rotated in place when its files change.
     pub tls: Option<Arc<ServerTls>>,
-    conn_limit: Arc<Semaphore>,
     http: http::Builders,
 }
 
 struct Running {
     ctx: watch::Sender<Arc<ListenerCtx>>,
     stop: watch::Sender<bool>,
+    /// One limiter for the listener's life: a reload resizes it, so connections open
+    /// before the reload still count (issue 9, bug 1).
+    limit: Arc<ConnLimit>,
 }
 
 /// The set of running inbound listeners.
 pub struct Inbound {
-    metrics: Arc<Metrics>,
+    families: InboundMetrics,
     access_log: AccessLog,
     drain: DrainWatch,
     running: HashMap<SocketAddr, Running>,
-    pools: HashMap<(SocketAddr, Duration), Arc<Pool>>,
-    /// Loaded TLS per listener address, reused by a reload that keeps the same files.
+    pool: Arc<Pool>,
+    /// Per listener name, resolved once for the process's life.
+    metrics: HashMap<String, Arc<ListenerMetrics>>,
+    /// Loaded TLS per listener address, reused by a reload that builds it from the same.
     tls: HashMap<SocketAddr, Arc<ServerTls>>,
+    files: FileWatcher,
 }
 
 impl Inbound {
-    pub fn new(metrics: Arc<Metrics>, access_log: AccessLog, drain: DrainWatch) -> Self {
+    pub fn new(
+        families: InboundMetrics,
+        access_log: AccessLog,
+        files: FileWatcher,
+        drain: DrainWatch,
+    ) -> Self {
+        let pool = Pool::new();
+        tokio::spawn(Pool::reap(Arc::downgrade(&pool), drain.clone()));
         Inbound {
-            metrics,
+            families,
             access_log,
             drain,
             running: HashMap::new(),
-            pools: HashMap::new(),
+            pool,
+            metrics: HashMap::new(),
             tls: HashMap::new(),
+            files,
         }
     }
 
@@ -97,6 +121,7 @@ impl Inbound {
             keep.push(l.listen);
             let ctx = Arc::new(self.ctx(l, config));
             if let Some(running) = self.running.get(&l.listen) {
+                running.limit.resize(l.limits.max_connections);
                 running.ctx.send_replace(ctx);
                 continue;
             }
@@ -107,9 +132,10 @@ impl Inbound {
                 .expect("bound above");
             let (ctx_tx, ctx_rx) = watch::channel(ctx);
             let (stop_tx, stop_rx) = watch::channel(false);
-            tokio::spawn(accept_loop(listener, ctx_rx, stop_rx, self.drain.clone()));
+            let limit = ConnLimit::new(l.limits.max_connections);
+            tokio::spawn(accept_loop(listener, ctx_rx, stop_rx, limit.clone(), self.drain.clone()));
             tracing::info!(listener = %l.name, addr = %l.listen, protocol = ?l.protocol, target = %l.target, "listening");
-            self.running.insert(l.listen, Running { ctx: ctx_tx, stop: stop_tx });
+            self.running.insert(l.listen, Running { ctx: ctx_tx, stop: stop_tx, limit });
         }
         self.running.retain(|addr, running| {
             let kept = keep.contains(addr);
@@ -119,45 +145,51 @@ impl Inbound {
             }
             kept
         });
-        // Pools no listener uses any more close their idle connections when dropped.
-        let used: Vec<_> = config.inbound.iter().map(|l| (l.target, l.connect_timeout)).collect();
-        self.pools.retain(|k, _| used.contains(k));
+        // Endpoints no listener uses any more close their idle connections when dropped.
+        let targets: Vec<_> = config.inbound.iter().map(|l| l.target).collect();
+        self.pool.retain(|k| targets.contains(&k.addr));
+        self.metrics.retain(|name, _| config.inbound.iter().any(|l| l.name == *name));
         Ok(())
     }
 
-    /// The listener's current TLS if its files are unchanged, else freshly loaded ones
-    /// (with a watcher for rotation).
-    fn load_tls(&self, l: &InboundConfig, files: &InboundTls) -> Result<Arc<ServerTls>, ApplyError> {
-        if let Some(current) = self.tls.get(&l.listen)
-            && current.files() == files
-        {
-            return Ok(current.clone());
-        }
+    /// The listener's current TLS if it was built from the same files for the same ALPN
+    /// list (which follows the protocol: issue 9, bug 2), else freshly loaded, with its
+    /// files watched for rotation.
+    fn load_tls(&mut self, l: &InboundConfig, files: &InboundTls) -> Result<Arc<ServerTls>, ApplyError> {
         let alpn = match l.protocol {
             Protocol::Http => vec![b"h2".to_vec(), b"http/1.1".to_vec()],
             Protocol::Tcp => Vec::new(),
         };
-        let expiry = self.metrics.listener(&l.name).cert_expiry();
-        let loaded = ServerTls::load(files, alpn, expiry)
-            .map_err(|error| ApplyError::Tls { name: l.name.clone(), error })?;
-        tokio::spawn(crate::tls::server::watch(Arc::downgrade(&loaded), l.name.clone()));
-        Ok(loaded)
+        if let Some(current) = self.tls.get(&l.listen)
+            && current.files() == files
+            && current.alpn() == alpn
+        {
+            return Ok(current.clone());
+        }
+        let expiry = self.listener_metrics(&l.name).tls_enabled();
+        ServerTls::load(files, alpn, expiry, &self.files, &l.name)
+            .map_err(|error| ApplyError::Tls { name: l.name.clone(), error })
+    }
+
+    fn listener_metrics(&mut self, name: &str) -> Arc<ListenerMetrics> {
+        let families = &self.families;
+        self.metrics.entry(name.to_owned()).or_insert_with(|| families.listener(name)).clone()
     }
 
     fn ctx(&mut self, l: &InboundConfig, config: &Config) -> ListenerCtx {
-        let pool = self
-            .pools
-            .entry((l.target, l.connect_timeout))
-            .or_insert_with(|| Arc::new(Pool::new(l.target, l.connect_timeout)))
-            .clone();
+        let metrics = self.listener_metrics(&l.name);
+        if l.tls.is_some() {
+            metrics.tls_enabled();
+        }
+        let endpoint = |proto| self.pool.endpoint(EndpointKey { addr: l.target, tls: None, proto });
         ListenerCtx {
             config: l.clone(),
             app_http: config.app.http,
-            metrics: self.metrics.listener(&l.name),
-            pool,
+            metrics,
+            app_h1: endpoint(Proto::Http1),
+            app_h2: endpoint(Proto::Http2),
             access_log: self.access_log.clone(),
             tls: self.tls.get(&l.listen).cloned(),
-            conn_limit: Arc::new(Semaphore::new(l.limits.max_connections)),
             http: http::Builders::new(&l.limits),
         }
     }
@@ -176,6 +208,7 @@ async fn accept_loop(
     listener: TcpListener,
     ctx: watch::Receiver<Arc<ListenerCtx>>,
     mut stop: watch::Receiver<bool>,
+    limit: Arc<ConnLimit>,
     mut drain: DrainWatch,
 ) {
     loop {
@@ -195,22 +228,28 @@ async fn accept_loop(
             }
         };
         let ctx = ctx.borrow().clone();
-        let Ok(permit) = ctx.conn_limit.clone().try_acquire_owned() else {
+        let Some(permit) = limit.try_acquire() else {
             ctx.metrics.reject(Reject::MaxConnections);
             tracing::debug!(%peer, listener = %ctx.config.name, "connection limit reached; refusing");
             drop(stream);
             continue;
         };
         let drain = drain.clone();
-        tokio::spawn(async move {
-            ctx.metrics.open.inc();
-            match ctx.config.protocol {
-                Protocol::Http => http::serve(stream, peer, ctx.clone(), drain).await,
-                Protocol::Tcp => tcp::serve(stream, peer, &ctx).await,
+        // Every log line about this connection carries the listener and the peer.
+        let span =
+            tracing::info_span!("conn", listener = %ctx.config.name, %peer, identity = tracing::field::Empty);
+        tokio::spawn(
+            async move {
+                ctx.metrics.open.inc();
+                match ctx.config.protocol {
+                    Protocol::Http => http::serve(stream, peer, ctx.clone(), drain).await,
+                    Protocol::Tcp => tcp::serve(stream, &ctx).await,
+                }
+                ctx.metrics.open.dec();
+                drop(permit);
             }
-            ctx.metrics.open.dec();
-            drop(permit);
-        });
+            .instrument(span),
+        );
     }
     // Dropping the listener closes the socket: new connections are refused from here on.
 }

@@ -11,5 +11,6 @@ pub mod files;
 pub mod health;
 pub mod inbound;
 pub mod proxy;
+pub mod readiness;
 pub mod telemetry;
 pub mod tls;

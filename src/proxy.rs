@@ -3,5 +3,7 @@
 //! connections to one upstream address.
 
 pub mod body;
+pub mod connect;
+pub mod error;
 pub mod headers;
 pub mod pool;

@@ -9,4 +9,4 @@ pub mod metrics;
 
 pub use access_log::{AccessLog, AccessRecord};
 pub use logging::LogHandle;
-pub use metrics::{ListenerMetrics, Metrics};
+pub use metrics::LatencyHistogram;

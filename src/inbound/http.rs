@@ -18,25 +18,40 @@ use http::{HeaderValue, Method, Request, Response, StatusCode, Uri, Version, hea
 use hyper::body::Incoming;
 use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpStream;
+use tracing::Instrument as _;
 
 use super::ListenerCtx;
 use super::guard::{ConnState, Guard};
 use super::io::{DetectError, Detected, ServerIo, detect};
+use super::metrics::Reject;
+use super::sticky::Sticky;
+use super::supervise::{Ended, supervise};
 use crate::config::{HttpVersion, Limits};
 use crate::drain::DrainWatch;
 use crate::proxy::body::{BodyStats, OnEnd, RequestBody, ResponseBody};
+use crate::proxy::error::ProxyError;
 use crate::proxy::headers::{
     Forwarding, X_CLIENT_IDENTITY, X_FORWARDED_CLIENT_CERT, sanitize_request, strip_hop_by_hop,
     to_absolute_form, to_origin_form, wants_upgrade,
 };
-use crate::proxy::pool::{H1Conn, Proto, Sticky};
+use crate::proxy::pool::{Checkout, Proto};
 use crate::telemetry::access_log::{AccessRecord, trace_id};
-use crate::telemetry::metrics::Reject;
 use crate::tls::PeerIdentity;
 
 type Body = ResponseBody<RequestEnd>;
+
+/// Largest buffer hyper keeps per client HTTP/1 connection, each way, unless the header limit
+/// needs more (the whole head must fit). hyper's default of ~400 KiB let one slow reader
+/// hold over a megabyte with the app side's (issue 9, bug 9).
+const H1_MAX_BUF: usize = 16 * 1024;
+/// HTTP/2 flow control we grant clients: how much request body one stream (64 KiB, the
+/// RFC 9113 default) and the connection (256 KiB) may have in flight towards us; and how
+/// much response body we queue per stream before we stop reading from the app.
+const H2_STREAM_WINDOW: u32 = 64 * 1024;
+const H2_CONNECTION_WINDOW: u32 = 256 * 1024;
+const H2_MAX_SEND_BUF: usize = 64 * 1024;
 
 /// Streams one HTTP/2 client may open at once. 100 is the RFC 9113 recommended minimum
 /// and what most servers use; enough for gRPC fan-out, small enough to bound a client.
@@ -51,7 +66,7 @@ const MAX_LOCAL_RESETS: usize = 1024;
 /// hyper connection builders for one listener's limits.
 pub struct Builders {
     h1: http1::Builder,
-    h2: http2::Builder<TokioExecutor>,
+    h2: http2::Builder<SpanExecutor>,
 }
 
 impl Builders {
@@ -62,16 +77,35 @@ impl Builders {
             // keep-alive requests and close idle connections early.
             .header_read_timeout(None)
             .max_header_size(limits.max_header_bytes)
+            .max_buf_size(H1_MAX_BUF.max(limits.max_header_bytes + 1024))
             .keep_alive(true);
-        let mut h2 = http2::Builder::new(TokioExecutor::new());
+        let mut h2 = http2::Builder::new(SpanExecutor);
         h2.timer(TokioTimer::new())
             .max_header_list_size(limits.max_header_bytes as u32)
             .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
             .max_pending_accept_reset_streams(MAX_PENDING_RESETS)
             .max_local_error_reset_streams(MAX_LOCAL_RESETS)
             .keep_alive_interval(Some(Duration::from_secs(30)))
-            .keep_alive_timeout(Duration::from_secs(20));
+            .keep_alive_timeout(Duration::from_secs(20))
+            .initial_stream_window_size(H2_STREAM_WINDOW)
+            .initial_connection_window_size(H2_CONNECTION_WINDOW)
+            .max_send_buf_size(H2_MAX_SEND_BUF);
         Builders { h1, h2 }
+    }
+}
+
+/// Runs the tasks hyper spawns (one per HTTP/2 stream) inside the connection's span, so
+/// their log lines carry the listener and the peer like the connection's own.
+#[derive(Clone, Copy)]
+pub struct SpanExecutor;
+
+impl<F> hyper::rt::Executor<F> for SpanExecutor
+where
+    F: Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    fn execute(&self, fut: F) {
+        tokio::spawn(fut.in_current_span());
     }
 }
 
@@ -91,10 +125,25 @@ struct Conn {
     sticky: Sticky,
 }
 
-/// How a supervised connection ended, when not by hyper.
-enum Ended {
-    Done,
-    HeaderTimeout,
+impl Conn {
+    fn new(
+        listener: Arc<ListenerCtx>,
+        peer: SocketAddr,
+        drain: DrainWatch,
+        tls: Option<(Option<Arc<PeerIdentity>>, bool)>,
+    ) -> Self {
+        let (identity, allowed) = tls.clone().unwrap_or((None, true));
+        Conn {
+            listener,
+            peer,
+            state: ConnState::new(),
+            forwarding: Forwarding::new(peer.ip(), tls.is_some()),
+            drain,
+            identity,
+            allowed,
+            sticky: Sticky::new(),
+        }
+    }
 }
 
 pub async fn serve(stream: TcpStream, peer: SocketAddr, ctx: Arc<ListenerCtx>, drain: DrainWatch) {
@@ -102,21 +151,12 @@ pub async fn serve(stream: TcpStream, peer: SocketAddr, ctx: Arc<ListenerCtx>, d
     let Some(tls) = ctx.tls.clone() else {
         return serve_plain(stream, peer, ctx, drain).await;
     };
-    let Some(accepted) = super::tls::accept(stream, &tls, &ctx, peer).await else {
+    let Some(accepted) = super::tls::accept(stream, &tls, &ctx).await else {
         return;
     };
     let allowed = super::tls::allowed(&tls, accepted.identity.as_deref());
     let protocol = if accepted.h2 { Detected::Http2 } else { Detected::Http1 };
-    let conn = Conn {
-        listener: ctx.clone(),
-        peer,
-        state: ConnState::new(),
-        forwarding: Forwarding::new(peer.ip(), true),
-        drain: drain.clone(),
-        identity: accepted.identity,
-        allowed,
-        sticky: Sticky::new(ctx.pool.clone()),
-    };
+    let conn = Conn::new(ctx, peer, drain, Some((accepted.identity, allowed)));
     serve_http(accepted.stream, protocol, conn).await;
 }
 
@@ -130,21 +170,11 @@ async fn serve_plain(stream: TcpStream, peer: SocketAddr, ctx: Arc<ListenerCtx>,
             return;
         }
         Err(DetectError::Io(e)) => {
-            tracing::debug!(%peer, error = %e, "client connection failed");
+            tracing::debug!(error = %e, "client connection failed");
             return;
         }
     };
-    let conn = Conn {
-        listener: ctx.clone(),
-        peer,
-        state: ConnState::new(),
-        forwarding: Forwarding::new(peer.ip(), false),
-        drain,
-        identity: None,
-        allowed: true,
-        sticky: Sticky::new(ctx.pool.clone()),
-    };
-    serve_http(stream, detected, conn).await;
+    serve_http(stream, detected, Conn::new(ctx, peer, drain, None)).await;
 }
 
 /// Serves HTTP on an established (plain or TLS) connection until it closes.
@@ -155,12 +185,13 @@ where
     let state = conn.state.clone();
     let ctx = conn.listener.clone();
     let drain = conn.drain.clone();
-    let peer = conn.peer;
     let limits = &ctx.config.limits;
     let conn = Arc::new(conn);
-    let svc = service_fn(move |req| {
+    let svc = service_fn(move |req: Request<Incoming>| {
         let conn = conn.clone();
-        async move { Ok::<_, Infallible>(handle(req, conn).await) }
+        // Disabled (and free) unless the filter asks for debug: requests are the hot path.
+        let span = tracing::debug_span!("request", method = %req.method(), path = %req.uri().path());
+        async move { Ok::<_, Infallible>(handle(req, conn).await) }.instrument(span)
     });
     let ended = match detected {
         Detected::Http2 => {
@@ -179,7 +210,7 @@ where
         Ok(Ended::Done) => None,
         Ok(Ended::HeaderTimeout) => Some(Reject::HeaderTimeout),
         Err(e) => {
-            tracing::debug!(%peer, error = %e, "client connection ended with an error");
+            tracing::debug!(error = %e, "client connection ended with an error");
             classify(&e, &state)
         }
     };
@@ -210,91 +241,6 @@ fn classify(e: &hyper::Error, state: &ConnState) -> Option<Reject> {
     None
 }
 
-/// Drives a connection while enforcing the header timeout (a request head must arrive
-/// whole within `header_read_timeout` of its first byte, or of the connection's start),
-/// the idle timeout (no request in flight and no bytes for `idle_timeout`) and the drain
-/// (idle HTTP/1 closed, busy HTTP/1 closed after the current response, HTTP/2 GOAWAY).
-/// One timer per connection, ticking at half the smaller timeout.
-///
-/// Written as a poll function rather than `select!`: the task wakes two or three times per
-/// request, almost always for the connection, and `select!` would poll the drain signal (a
-/// lock inside the watch) and the timer on every one of those wake-ups. Here each is polled
-/// only to register this task's waker (once, and after each timer reset); a wake-up then
-/// checks them with plain reads: the drain flag and the timer's elapsed bit.
-async fn supervise<C: Future<Output = Result<(), hyper::Error>>>(
-    conn: C,
-    shut_down: fn(std::pin::Pin<&mut C>),
-    state: &ConnState,
-    limits: &Limits,
-    mut drain: DrainWatch,
-) -> Result<Ended, hyper::Error> {
-    use std::task::Poll;
-
-    let mut conn = std::pin::pin!(conn);
-    let header_ms = limits.header_read_timeout.as_millis() as u64;
-    let tick = (limits.header_read_timeout.min(limits.idle_timeout) / 2).max(Duration::from_millis(50));
-    let mut sleep = std::pin::pin!(tokio::time::sleep(tick));
-    let mut last_activity = state.activity.load(Ordering::Relaxed);
-    let mut last_change = Instant::now();
-    let mut shutting_down = false;
-    let draining = drain.clone();
-    let mut drained = std::pin::pin!(drain.signaled());
-    let mut drain_armed = false;
-    let mut timer_armed = false;
-    std::future::poll_fn(|cx| {
-        loop {
-            if let Poll::Ready(res) = conn.as_mut().poll(cx) {
-                return Poll::Ready(res.map(|()| Ended::Done));
-            }
-            if !shutting_down {
-                let drain_now = if drain_armed {
-                    draining.is_draining()
-                } else {
-                    drain_armed = true;
-                    drained.as_mut().poll(cx).is_ready()
-                };
-                if drain_now {
-                    shutting_down = true;
-                    shut_down(conn.as_mut());
-                    continue; // the connection acts on it when polled
-                }
-            }
-            if timer_armed && !sleep.is_elapsed() {
-                return Poll::Pending;
-            }
-            if !timer_armed {
-                timer_armed = true;
-                if sleep.as_mut().poll(cx).is_pending() {
-                    return Poll::Pending;
-                }
-            }
-            // The tick: check the timeouts, then re-arm the timer.
-            let now = Instant::now();
-            sleep.as_mut().reset((now + tick).into());
-            timer_armed = false;
-            let activity = state.activity.load(Ordering::Relaxed);
-            if activity != last_activity {
-                last_activity = activity;
-                last_change = now;
-            }
-            let head = state.head_started.load(Ordering::Relaxed);
-            if head != 0 && state.now_ms().saturating_sub(head) >= header_ms {
-                return Poll::Ready(Ok(Ended::HeaderTimeout));
-            }
-            let idle = state.in_flight.load(Ordering::Relaxed) == 0
-                && now.duration_since(last_change) >= limits.idle_timeout;
-            if idle {
-                if shutting_down {
-                    return Poll::Ready(Ok(Ended::Done));
-                }
-                shutting_down = true;
-                shut_down(conn.as_mut());
-            }
-        }
-    })
-    .await
-}
-
 /// The end of one request: metrics, the access-log record, the app connection returned.
 /// Runs when the response body ends or is dropped, so durations include the body.
 struct RequestEnd {
@@ -308,7 +254,26 @@ struct RequestEnd {
     trace_id: Option<Box<str>>,
     error: Option<&'static str>,
     req_stats: Option<Arc<BodyStats>>,
-    app_conn: Option<H1Conn>,
+    checkout: Option<Checkout>,
+}
+
+impl RequestEnd {
+    fn new(req: &Request<Incoming>, conn: &Arc<Conn>) -> Self {
+        let logging = conn.listener.access_log.enabled();
+        RequestEnd {
+            conn: conn.clone(),
+            start: Instant::now(),
+            wall: if logging { SystemTime::now() } else { SystemTime::UNIX_EPOCH },
+            method: req.method().clone(),
+            uri: logging.then(|| req.uri().clone()),
+            version: req.version(),
+            status: 0,
+            trace_id: if logging { trace_id(req.headers().get("traceparent")) } else { None },
+            error: None,
+            req_stats: None,
+            checkout: None,
+        }
+    }
 }
 
 impl OnEnd for RequestEnd {
@@ -317,12 +282,11 @@ impl OnEnd for RequestEnd {
         conn.state.in_flight.fetch_sub(1, Ordering::Relaxed);
         let elapsed = self.start.elapsed();
         conn.listener.metrics.request(self.status, elapsed);
-        let body_sent = self.req_stats.as_ref().is_none_or(|s| s.done.load(Ordering::Relaxed));
-        if let Some(app_conn) = self.app_conn {
+        if let Some(checkout) = self.checkout {
             // Reusable only when both bodies went through whole; otherwise hyper is
-            // closing the connection, and dropping the handle lets it.
-            if complete && body_sent {
-                conn.sticky.give_back(app_conn);
+            // closing the connection, and dropping the checkout lets it.
+            if let Some(app_conn) = checkout.reusable(self.req_stats.as_deref(), complete) {
+                conn.sticky.keep(app_conn);
             }
         }
         let access_log = &conn.listener.access_log;
@@ -347,42 +311,49 @@ impl OnEnd for RequestEnd {
     }
 }
 
-async fn handle(mut req: Request<Incoming>, conn: Arc<Conn>) -> Response<Body> {
-    conn.state.in_flight.fetch_add(1, Ordering::Relaxed);
-    let logging = conn.listener.access_log.enabled();
-    let version = req.version();
-    let mut end = RequestEnd {
-        conn: conn.clone(),
-        start: Instant::now(),
-        wall: if logging { SystemTime::now() } else { SystemTime::UNIX_EPOCH },
-        method: req.method().clone(),
-        uri: logging.then(|| req.uri().clone()),
-        version,
-        status: 0,
-        trace_id: if logging { trace_id(req.headers().get("traceparent")) } else { None },
-        error: None,
-        req_stats: None,
-        app_conn: None,
-    };
-    let l = &conn.listener;
+/// A request ready to go to the app.
+struct Prepared {
+    req: Request<RequestBody>,
+    proto: Proto,
+    /// The client side of a protocol switch (WebSocket), resolved after the app's 101.
+    client_upgrade: Option<hyper::upgrade::OnUpgrade>,
+}
 
+/// A request's trip: prepare it for the app, send it, and shape the answer for the client.
+/// Whatever fails on the way becomes a local reply through `ProxyError::rescue`.
+async fn handle(req: Request<Incoming>, conn: Arc<Conn>) -> Response<Body> {
+    conn.state.in_flight.fetch_add(1, Ordering::Relaxed);
+    let mut end = RequestEnd::new(&req, &conn);
+    let prepared = match prepare(req, &conn, &mut end).await {
+        Ok(p) => p,
+        Err(e) => return local_reply(end, &e),
+    };
+    let client_upgrade = prepared.client_upgrade.is_some();
+    match send(prepared.req, prepared.proto, client_upgrade, &conn, &end).await {
+        Ok((resp, checkout)) => {
+            end.checkout = checkout;
+            respond(resp, prepared.client_upgrade, &conn, end)
+        }
+        Err(e) => local_reply(end, &e),
+    }
+}
+
+/// Checks the request may pass, then rewrites it for the app: hop-by-hop headers out,
+/// forwarding and identity headers in, the target in the form the app's protocol needs.
+async fn prepare(
+    mut req: Request<Incoming>,
+    conn: &Conn,
+    end: &mut RequestEnd,
+) -> Result<Prepared, ProxyError> {
+    let l = &conn.listener;
     if !conn.allowed {
         l.metrics.reject(Reject::IdentityNotAllowed);
-        return local_reply(
-            end,
-            StatusCode::FORBIDDEN,
-            "client identity not allowed\n",
-            "identity_not_allowed",
-        );
+        return Err(ProxyError::IdentityNotAllowed);
     }
     if req.method() == Method::CONNECT {
-        return local_reply(
-            end,
-            StatusCode::METHOD_NOT_ALLOWED,
-            "CONNECT is not proxied here\n",
-            "connect_refused",
-        );
+        return Err(ProxyError::ConnectRefused);
     }
+    let version = req.version();
     let upgrade = version == Version::HTTP_11 && wants_upgrade(req.headers());
     let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
 
@@ -398,7 +369,11 @@ async fn handle(mut req: Request<Incoming>, conn: Arc<Conn>) -> Response<Body> {
         (false, HttpVersion::Http2) => Proto::Http2,
         // What the app speaks: an HTTP/2 client keeps HTTP/2 when the app has it (gRPC),
         // and is translated to HTTP/1.1 when it has not.
-        (false, HttpVersion::Auto) if version == Version::HTTP_2 && l.pool.speaks_h2().await => Proto::Http2,
+        (false, HttpVersion::Auto)
+            if version == Version::HTTP_2 && l.app_h2.speaks_h2(l.config.connect_timeout).await =>
+        {
+            Proto::Http2
+        }
         (false, HttpVersion::Auto) => Proto::Http1,
     };
     match proto {
@@ -413,46 +388,63 @@ async fn handle(mut req: Request<Incoming>, conn: Arc<Conn>) -> Response<Body> {
     }
     let (body, stats) = RequestBody::new(body);
     end.req_stats = stats;
-    let up_req = Request::from_parts(parts, body);
+    Ok(Prepared { req: Request::from_parts(parts, body), proto, client_upgrade })
+}
 
+/// Sends the request to the app and waits for its response head, within `request_timeout`.
+async fn send(
+    req: Request<RequestBody>,
+    proto: Proto,
+    upgrade: bool,
+    conn: &Conn,
+    end: &RequestEnd,
+) -> Result<(Response<Incoming>, Option<Checkout>), ProxyError> {
+    let l = &conn.listener;
+    let connect_timeout = l.config.connect_timeout;
     let send = async {
         if upgrade {
-            Box::pin(l.pool.send_upgrade(up_req)).await.map(|r| (r, None))
+            Box::pin(l.app_h1.send_upgrade(req, connect_timeout)).await.map(|r| (r, None))
+        } else if proto == Proto::Http2 {
+            l.app_h2.send_h2(req, connect_timeout).await.map(|r| (r, None))
         } else {
-            l.pool.send(up_req, proto, &conn.sticky).await
+            l.app_h1.send_h1(req, conn.sticky.take(), connect_timeout).await.map(|(r, c)| (r, Some(c)))
         }
     };
     let timeout = l.config.request_timeout;
-    let result =
-        if timeout.is_zero() { Some(send.await) } else { tokio::time::timeout(timeout, send).await.ok() };
-    let (mut resp, app_conn) = match result {
-        None => {
-            return local_reply(end, StatusCode::GATEWAY_TIMEOUT, "app timed out\n", "app_timeout");
-        }
-        Some(Err(e)) => {
-            let client_body_failed =
-                end.req_stats.as_ref().is_some_and(|s| s.errored.load(Ordering::Relaxed));
-            if client_body_failed {
-                return local_reply(end, StatusCode::BAD_REQUEST, "bad request body\n", "client_body_error");
-            }
-            // Debug, not warn: when the app is down this is every request; the access log's
-            // `error` and the health checker's warning already say so.
-            tracing::debug!(listener = %l.config.name, error = %e, "app request failed");
-            return local_reply(end, StatusCode::BAD_GATEWAY, "app unavailable\n", e.kind());
-        }
-        Some(Ok(r)) => r,
+    let result = if timeout.is_zero() {
+        send.await
+    } else {
+        tokio::time::timeout(timeout, send).await.map_err(|_| ProxyError::Timeout)?
     };
-    end.app_conn = app_conn;
-    end.status = resp.status().as_u16();
+    result.map_err(|e| {
+        if end.req_stats.as_ref().is_some_and(|s| s.errored.load(Ordering::Relaxed)) {
+            return ProxyError::ClientBody;
+        }
+        // Debug, not warn: when the app is down this is every request; the access log's
+        // `error` and the health checker's warning already say so.
+        tracing::debug!(error = %e, "app request failed");
+        ProxyError::Upstream(e)
+    })
+}
 
+/// Shapes the app's response for the client: the tunnel after a protocol switch,
+/// hop-by-hop headers out, `Connection: close` during a drain, the body wrapped so the
+/// request's end is noticed.
+fn respond(
+    mut resp: Response<Incoming>,
+    client_upgrade: Option<hyper::upgrade::OnUpgrade>,
+    conn: &Conn,
+    mut end: RequestEnd,
+) -> Response<Body> {
+    end.status = resp.status().as_u16();
     let switching = resp.status() == StatusCode::SWITCHING_PROTOCOLS;
     if let (true, Some(client_upgrade)) = (switching, client_upgrade) {
         conn.state.upgraded.store(true, Ordering::Release);
         let app_upgrade = hyper::upgrade::on(&mut resp);
-        tokio::spawn(tunnel(client_upgrade, app_upgrade, conn.drain.clone()));
+        tokio::spawn(tunnel(client_upgrade, app_upgrade, conn.drain.clone()).in_current_span());
     }
     strip_hop_by_hop(resp.headers_mut(), switching);
-    if version == Version::HTTP_2 {
+    if end.version == Version::HTTP_2 {
         *resp.version_mut() = Version::HTTP_2;
     } else {
         *resp.version_mut() = Version::HTTP_11;
@@ -465,17 +457,13 @@ async fn handle(mut req: Request<Incoming>, conn: Arc<Conn>) -> Response<Body> {
 }
 
 /// A short plain-text answer made here, not by the app.
-fn local_reply(
-    mut end: RequestEnd,
-    status: StatusCode,
-    body: &'static str,
-    error: &'static str,
-) -> Response<Body> {
-    end.status = status.as_u16();
-    end.error = Some(error);
-    let close = status == StatusCode::BAD_REQUEST && end.version != Version::HTTP_2;
-    let mut resp = Response::new(ResponseBody::full(Bytes::from_static(body.as_bytes()), Some(end)));
-    *resp.status_mut() = status;
+fn local_reply(mut end: RequestEnd, error: &ProxyError) -> Response<Body> {
+    let rescue = error.rescue();
+    end.status = rescue.status.as_u16();
+    end.error = Some(rescue.error);
+    let close = rescue.status == StatusCode::BAD_REQUEST && end.version != Version::HTTP_2;
+    let mut resp = Response::new(ResponseBody::full(Bytes::from_static(rescue.body.as_bytes()), Some(end)));
+    *resp.status_mut() = rescue.status;
     let h = resp.headers_mut();
     h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
     if close {

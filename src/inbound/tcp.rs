@@ -5,49 +5,43 @@
 //! rely on it). A connection with no bytes either way for `limits.idle_timeout` is closed
 //! (checked once per timeout period, so it goes between one and two periods).
 
-use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
 
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 
-use std::sync::atomic::Ordering;
-
 use super::ListenerCtx;
 use super::guard::ConnState;
 use super::io::ServerIo;
-use crate::telemetry::metrics::Reject;
+use super::metrics::Reject;
+use crate::proxy::connect::Connector;
 
-pub async fn serve(client: TcpStream, peer: SocketAddr, ctx: &ListenerCtx) {
+pub async fn serve(client: TcpStream, ctx: &ListenerCtx) {
     let _ = client.set_nodelay(true);
     let Some(tls) = &ctx.tls else {
-        return forward(client, peer, ctx).await;
+        return forward(client, ctx).await;
     };
-    let Some(accepted) = super::tls::accept(client, tls, ctx, peer).await else {
+    let Some(accepted) = super::tls::accept(client, tls, ctx).await else {
         return;
     };
     if !super::tls::allowed(tls, accepted.identity.as_deref()) {
         ctx.metrics.reject(Reject::IdentityNotAllowed);
-        tracing::info!(%peer, identity = accepted.identity.as_ref().map(|i| &*i.id), "client identity not allowed; closing");
+        tracing::info!("client identity not allowed; closing");
         return;
     }
-    forward(accepted.stream, peer, ctx).await;
+    forward(accepted.stream, ctx).await;
 }
 
-async fn forward<S: AsyncRead + AsyncWrite + Unpin>(client: S, peer: SocketAddr, ctx: &ListenerCtx) {
-    let target = ctx.config.target;
-    let connect = tokio::time::timeout(ctx.config.connect_timeout, TcpStream::connect(target)).await;
-    let mut upstream = match connect {
-        Ok(Ok(s)) => s,
-        Ok(Err(e)) => {
-            tracing::warn!(listener = %ctx.config.name, %peer, %target, error = %e, "connect to target failed; closing client");
-            return;
-        }
-        Err(_) => {
-            tracing::warn!(listener = %ctx.config.name, %peer, %target, "connect to target timed out; closing client");
+async fn forward<S: AsyncRead + AsyncWrite + Unpin>(client: S, ctx: &ListenerCtx) {
+    // The same dialling as the HTTP pool: failed attempts sent nothing, so they are retried.
+    let connector = Connector::new(ctx.config.target);
+    let mut upstream = match connector.connect(ctx.config.connect_timeout).await {
+        Ok(io) => io.into_inner(),
+        Err(e) => {
+            tracing::warn!(error = %e, "closing the client: no connection to the target");
             return;
         }
     };
-    let _ = upstream.set_nodelay(true);
     // Counts reads and writes on the client side for the idle timeout.
     let state = ConnState::new();
     let mut client = ServerIo::new(client, None, state.clone());
@@ -60,15 +54,15 @@ async fn forward<S: AsyncRead + AsyncWrite + Unpin>(client: S, peer: SocketAddr,
         tokio::select! {
             res = &mut copy => {
                 match res {
-                    Ok((up, down)) => tracing::debug!(%peer, bytes_in = up, bytes_out = down, "tcp connection closed"),
-                    Err(e) => tracing::debug!(%peer, error = %e, "tcp connection ended"),
+                    Ok((up, down)) => tracing::debug!(bytes_in = up, bytes_out = down, "tcp connection closed"),
+                    Err(e) => tracing::debug!(error = %e, "tcp connection ended"),
                 }
                 return;
             }
             _ = tokio::time::sleep(idle_timeout) => {
                 let now = state.activity.load(Ordering::Relaxed);
                 if now == seen {
-                    tracing::debug!(%peer, ?idle_timeout, "tcp connection idle; closing");
+                    tracing::debug!(?idle_timeout, "tcp connection idle; closing");
                     return;
                 }
                 seen = now;

@@ -1,13 +1,13 @@
 //! TLS termination for inbound connections: the handshake (bounded, classified, counted)
 //! and the authorization of the client's identity.
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 
 use tokio::net::TcpStream;
 use tokio_rustls::server::TlsStream;
 
 use super::ListenerCtx;
+use super::metrics::Handshake;
 use crate::tls::{PeerIdentity, ServerTls};
 
 /// A finished handshake: the stream and, with mTLS, who the client is.
@@ -19,33 +19,32 @@ pub struct Accepted {
 }
 
 /// Runs the handshake within the listener's handshake timeout. `None` when it failed; the
-/// failure is counted in `sidecar_tls_handshakes_total{result}` and logged at debug.
-pub async fn accept(
-    stream: TcpStream,
-    tls: &ServerTls,
-    ctx: &ListenerCtx,
-    peer: SocketAddr,
-) -> Option<Accepted> {
+/// failure is counted in `sidecar_tls_handshakes_total{result}` and logged at debug. The
+/// client's identity joins the connection's span.
+pub async fn accept(stream: TcpStream, tls: &ServerTls, ctx: &ListenerCtx) -> Option<Accepted> {
     let timeout = tls.files().handshake_timeout;
     let result = tokio::time::timeout(timeout, tls.acceptor().accept(stream)).await;
     let stream = match result {
         Err(_) => {
-            ctx.metrics.handshake("timeout");
-            tracing::debug!(%peer, "TLS handshake timed out");
+            ctx.metrics.handshake(Handshake::Timeout);
+            tracing::debug!("TLS handshake timed out");
             return None;
         }
         Ok(Err(e)) => {
             let why = classify(&e);
             ctx.metrics.handshake(why);
-            tracing::debug!(%peer, error = %e, result = why, "TLS handshake failed");
+            tracing::debug!(error = %e, result = why.as_str(), "TLS handshake failed");
             return None;
         }
         Ok(Ok(s)) => s,
     };
-    ctx.metrics.handshake("success");
+    ctx.metrics.handshake(Handshake::Success);
     let conn = stream.get_ref().1;
     let identity =
         conn.peer_certificates().and_then(|c| c.first()).and_then(PeerIdentity::from_leaf).map(Arc::new);
+    if let Some(id) = &identity {
+        tracing::Span::current().record("identity", &*id.id);
+    }
     let h2 = conn.alpn_protocol() == Some(b"h2");
     Some(Accepted { stream, identity, h2 })
 }
@@ -56,27 +55,27 @@ pub fn allowed(tls: &ServerTls, identity: Option<&PeerIdentity>) -> bool {
     list.is_empty() || identity.is_some_and(|i| list.iter().any(|a| **a == *i.id))
 }
 
-/// A short label for why a handshake failed.
-fn classify(e: &std::io::Error) -> &'static str {
+/// Why a handshake failed.
+fn classify(e: &std::io::Error) -> Handshake {
     use rustls::{CertificateError, Error};
     let Some(tls) = e.get_ref().and_then(|inner| inner.downcast_ref::<Error>()) else {
         return match e.kind() {
-            std::io::ErrorKind::UnexpectedEof | std::io::ErrorKind::ConnectionReset => "aborted",
-            _ => "error",
+            std::io::ErrorKind::UnexpectedEof | std::io::ErrorKind::ConnectionReset => Handshake::Aborted,
+            _ => Handshake::Error,
         };
     };
     match tls {
-        Error::InvalidMessage(_) | Error::InappropriateMessage { .. } => "not_tls",
-        Error::PeerIncompatible(_) => "incompatible",
-        Error::NoCertificatesPresented => "no_client_cert",
+        Error::InvalidMessage(_) | Error::InappropriateMessage { .. } => Handshake::NotTls,
+        Error::PeerIncompatible(_) => Handshake::Incompatible,
+        Error::NoCertificatesPresented => Handshake::NoClientCert,
         Error::InvalidCertificate(CertificateError::Expired | CertificateError::ExpiredContext { .. }) => {
-            "client_cert_expired"
+            Handshake::ClientCertExpired
         }
         Error::InvalidCertificate(
             CertificateError::NotValidYet | CertificateError::NotValidYetContext { .. },
-        ) => "client_cert_not_yet_valid",
-        Error::InvalidCertificate(CertificateError::UnknownIssuer) => "unknown_ca",
-        Error::InvalidCertificate(_) => "bad_client_cert",
-        _ => "error",
+        ) => Handshake::ClientCertNotYetValid,
+        Error::InvalidCertificate(CertificateError::UnknownIssuer) => Handshake::UnknownCa,
+        Error::InvalidCertificate(_) => Handshake::BadClientCert,
+        _ => Handshake::Error,
     }
 }

@@ -1,219 +1,250 @@
-//! Connections to one upstream address (the app), HTTP/1.1 pooled and HTTP/2 shared.
+//! A cache of connections per endpoint, for both directions: inbound has one endpoint (the
+//! app), outbound one per address its discovery finds.
 //!
-//! HTTP/1.1: each client connection keeps the app connection its last request used (`Sticky`),
-//! so a keep-alive client reuses one app connection without touching shared state; behind
-//! that, a lock-free queue of idle connections shared by the listener. The response body hands
-//! the connection back when it ends. A connection the app closed while
-//! idle is noticed either before sending (`ready` fails) or by hyper refusing the request
-//! unsent; then the request goes out on a fresh connection, so an app's keep-alive timeout
-//! racing a request is not a 502. HTTP/2: one multiplexed connection, replaced when it closes.
+//! An endpoint is keyed by (address, TLS server name and identity, protocol). HTTP/1.1
+//! connections are lent to one request at a time through a `Checkout`, which the response
+//! body holds and which gives the connection back only when both bodies went through whole;
+//! idle ones wait in a lock-free queue and are reaped on a timer. Each endpoint caps its
+//! connections and its dials in flight: past the cap a request waits for a connection another
+//! request returns instead of opening its own. HTTP/2 shares one multiplexed connection per
+//! endpoint, replaced when it closes. The pool does not choose endpoints (balancing is the
+//! caller's) and does not know which direction it serves.
 
+mod multiplex;
+
+use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
-use arc_swap::ArcSwapOption;
 use crossbeam_queue::ArrayQueue;
 use http::{Request, Response};
 use hyper::body::Incoming;
-use hyper::client::conn::{http1, http2};
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use tokio::net::TcpStream;
+use hyper::client::conn::http1;
+use tokio::sync::Notify;
 
-use super::body::RequestBody;
+use super::body::{BodyStats, RequestBody};
+pub use super::connect::{Connector, PoolError};
+use crate::drain::DrainWatch;
 
-/// Idle HTTP/1.1 connections kept per upstream. Enough for the 64–256 concurrent clients of
+/// Idle HTTP/1.1 connections kept per endpoint. Enough for the 64–256 concurrent clients of
 /// a busy pod; beyond it, connections are closed after use rather than hoarded.
 const MAX_IDLE: usize = 256;
-/// How long the HTTP/2 probe waits for the app's PONG. A local app answers in microseconds;
-/// an HTTP/1-only one fails at once; this bounds a silent one.
-const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
-
-const H2_UNKNOWN: u8 = 0;
-const H2_YES: u8 = 1;
-const H2_NO: u8 = 2;
-
+/// Open HTTP/1.1 connections per endpoint (Envoy's default `max_connections` circuit
+/// breaker). Requests past it wait for a returned connection, bounded by their timeout.
+const MAX_CONNECTIONS: usize = 1024;
+/// Dials in flight per endpoint: a burst of requests (20 HTTP/2 streams at once) must not
+/// become a burst of SYNs against an app with a small accept backlog; the requests beyond it
+/// wait for a connection another one finishes with, or for a dial slot.
+const MAX_DIALS: usize = 16;
 /// Idle connections older than this are closed instead of reused: below the 60 s or more
 /// most servers keep idle keep-alive connections, so we rarely reuse one mid-close.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(50);
+/// How often idle connections are checked for age and for the peer having closed them.
+const REAP_INTERVAL: Duration = Duration::from_secs(10);
+/// Largest buffer hyper keeps per upstream HTTP/1 connection (its floor is 8 KiB). With the
+/// client side's, this bounds what one slow reader can make us hold: a slow-read attack
+/// cost 1.2 MiB per connection with hyper's 400 KiB default (issue 9, bug 9).
+const H1_MAX_BUF: usize = 16 * 1024;
 
-#[derive(Debug, thiserror::Error)]
-pub enum PoolError {
-    #[error("connect to {addr}: {source}")]
-    Connect { addr: SocketAddr, source: std::io::Error },
-    #[error("connect to {addr}: timed out after {after:?}")]
-    ConnectTimeout { addr: SocketAddr, after: Duration },
-    #[error("handshake with {addr}: {source}")]
-    Handshake { addr: SocketAddr, source: hyper::Error },
-    #[error("request to {addr}: {source}")]
-    Send { addr: SocketAddr, source: hyper::Error },
-}
-
-impl PoolError {
-    /// A short, stable name for logs and the access log's `error` field.
-    pub fn kind(&self) -> &'static str {
-        match self {
-            PoolError::Connect { source, .. } if source.kind() == std::io::ErrorKind::ConnectionRefused => {
-                "app_connection_refused"
-            }
-            PoolError::Connect { .. } | PoolError::Handshake { .. } => "app_connect_error",
-            PoolError::ConnectTimeout { .. } => "app_connect_timeout",
-            PoolError::Send { .. } => "app_reset",
-        }
-    }
-}
-
-/// Which protocol to speak to the upstream for one request.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Which protocol to speak to an endpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Proto {
     Http1,
     Http2,
 }
 
+/// What a TLS connection to the endpoint would be checked against (outbound origination).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct TlsKey {
+    pub server_name: Arc<str>,
+    pub identity: Option<Arc<str>>,
+}
+
+/// What makes two connections interchangeable.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct EndpointKey {
+    pub addr: SocketAddr,
+    pub tls: Option<TlsKey>,
+    pub proto: Proto,
+}
+
+/// Every endpoint connections were made to, shared by whoever dials them.
+pub struct Pool {
+    // Locked only to find or create an endpoint (once per listener or per discovered
+    // address), never per request.
+    endpoints: Mutex<HashMap<EndpointKey, Arc<Endpoint>>>,
+}
+
+/// Connections to one endpoint.
+pub struct Endpoint {
+    key: EndpointKey,
+    connector: Connector,
+    /// Live HTTP/1.1 connections, idle or lent; decremented when a connection's task ends.
+    open: AtomicUsize,
+    dialing: AtomicUsize,
+    idle: ArrayQueue<Idle>,
+    /// Signalled when a connection is returned, closed, or a dial ends: a waiter retries.
+    returned: Notify,
+    h2: multiplex::Shared,
+}
+
 struct Idle {
-    conn: http1::SendRequest<RequestBody>,
+    conn: H1Conn,
     since: Instant,
 }
 
-pub struct Pool {
-    addr: SocketAddr,
-    connect_timeout: Duration,
-    idle: Arc<ArrayQueue<Idle>>,
-    h2: ArcSwapOption<http2::SendRequest<RequestBody>>,
-    /// Single-flight for HTTP/2 connects: a burst of requests opens one connection, not many.
-    h2_connect: tokio::sync::Mutex<()>,
-    /// Whether the upstream speaks HTTP/2 with prior knowledge (`H2_*`), once probed.
-    h2_support: AtomicU8,
+/// An HTTP/1.1 connection to an endpoint, between requests or lent to one.
+pub struct H1Conn {
+    send: http1::SendRequest<RequestBody>,
+    endpoint: Arc<Endpoint>,
 }
 
-/// An HTTP/1.1 connection to the upstream.
-pub type H1Conn = http1::SendRequest<RequestBody>;
-
-/// The app connection one client connection is using between its requests. Dropping it (the
-/// client connection closed) puts the app connection in the shared idle queue.
-pub struct Sticky {
-    slot: ArrayQueue<H1Conn>,
-    pool: Arc<Pool>,
+/// A connection lent to one request, held by its response body. It comes back for reuse
+/// only when both bodies went through whole; dropped otherwise, which lets hyper close it.
+pub struct Checkout {
+    conn: H1Conn,
 }
 
-impl Sticky {
-    pub fn new(pool: Arc<Pool>) -> Self {
-        Sticky { slot: ArrayQueue::new(1), pool }
-    }
+/// A slot in an endpoint's connection count, held by the connection's task.
+struct Slot(Arc<Endpoint>);
 
-    /// Gives a connection back after a request that went through whole (both bodies);
-    /// otherwise just drop it and hyper closes it.
-    pub fn give_back(&self, conn: H1Conn) {
-        if conn.is_closed() {
-            return;
-        }
-        // Occupied when an HTTP/2 client had several requests in flight: the extra
-        // connection goes to the shared queue.
-        if let Err(conn) = self.slot.push(conn) {
-            self.pool.put_idle(conn);
-        }
-    }
-}
-
-impl Drop for Sticky {
+impl Drop for Slot {
     fn drop(&mut self) {
-        if let Some(conn) = self.slot.pop() {
-            self.pool.put_idle(conn);
-        }
+        self.0.open.fetch_sub(1, Ordering::Relaxed);
+        self.0.returned.notify_one();
+    }
+}
+
+/// A dial in flight; ends (and wakes a waiter) however the dial ends.
+struct Dialing<'a>(&'a Endpoint);
+
+impl Drop for Dialing<'_> {
+    fn drop(&mut self) {
+        self.0.dialing.fetch_sub(1, Ordering::Relaxed);
+        self.0.returned.notify_one();
     }
 }
 
 impl Pool {
-    pub fn new(addr: SocketAddr, connect_timeout: Duration) -> Self {
-        Pool {
-            addr,
-            connect_timeout,
-            idle: Arc::new(ArrayQueue::new(MAX_IDLE)),
-            h2: ArcSwapOption::empty(),
-            h2_connect: tokio::sync::Mutex::new(()),
-            h2_support: AtomicU8::new(H2_UNKNOWN),
-        }
+    pub fn new() -> Arc<Self> {
+        Arc::new(Pool { endpoints: Mutex::new(HashMap::new()) })
     }
 
-    /// Whether the upstream speaks HTTP/2 (for `http: auto`). Learned once, by a PING on an
-    /// HTTP/2 connection: an HTTP/2 server answers with a PONG, an HTTP/1-only one fails the
-    /// preface. Nothing reaches the app's handlers. While the app cannot be reached the
-    /// answer is "yes", so the request fails as it would have anyway and the probe runs again.
-    pub async fn speaks_h2(&self) -> bool {
-        match self.h2_support.load(Ordering::Relaxed) {
-            H2_YES => return true,
-            H2_NO => return false,
-            _ => {}
-        }
-        Box::pin(self.probe()).await
+    /// The endpoint for `key`, created on first use.
+    pub fn endpoint(&self, key: EndpointKey) -> Arc<Endpoint> {
+        let mut map = self.endpoints.lock().unwrap_or_else(|p| p.into_inner());
+        map.entry(key.clone()).or_insert_with(|| Endpoint::new(key)).clone()
     }
 
-    async fn probe(&self) -> bool {
-        let _one = self.h2_connect.lock().await;
-        if self.h2_support.load(Ordering::Relaxed) == H2_UNKNOWN {
-            let Ok(io) = self.connect().await else { return true };
-            let verdict = match tokio::time::timeout(PROBE_TIMEOUT, probe_h2(io.into_inner())).await {
-                Ok(true) => H2_YES,
-                _ => H2_NO,
-            };
-            tracing::info!(
-                app = %self.addr,
-                http2 = verdict == H2_YES,
-                "probed the app for HTTP/2 (app.http: auto)"
-            );
-            self.h2_support.store(verdict, Ordering::Relaxed);
-        }
-        self.h2_support.load(Ordering::Relaxed) == H2_YES
+    /// Forgets endpoints `keep` rejects; their idle connections close when the last request
+    /// using them ends.
+    pub fn retain(&self, keep: impl Fn(&EndpointKey) -> bool) {
+        let mut map = self.endpoints.lock().unwrap_or_else(|p| p.into_inner());
+        map.retain(|k, _| keep(k));
     }
 
-    fn put_idle(&self, conn: H1Conn) {
-        let _ = self.idle.push(Idle { conn, since: Instant::now() });
+    fn all(&self) -> Vec<Arc<Endpoint>> {
+        let map = self.endpoints.lock().unwrap_or_else(|p| p.into_inner());
+        map.values().cloned().collect()
     }
 
-    /// Sends `req` and returns the response head; for HTTP/1.1 also the connection, to be
-    /// given back to `sticky` when the response body ends.
-    pub async fn send(
-        &self,
-        req: Request<RequestBody>,
-        proto: Proto,
-        sticky: &Sticky,
-    ) -> Result<(Response<Incoming>, Option<H1Conn>), PoolError> {
-        match proto {
-            Proto::Http1 => self.send_h1(req, sticky).await.map(|(r, c)| (r, Some(c))),
-            Proto::Http2 => self.send_h2(req).await.map(|r| (r, None)),
-        }
-    }
-
-    async fn send_h1(
-        &self,
-        mut req: Request<RequestBody>,
-        sticky: &Sticky,
-    ) -> Result<(Response<Incoming>, H1Conn), PoolError> {
+    /// Closes idle connections that are too old or that the peer closed, every
+    /// `REAP_INTERVAL`, until the pool is gone or the drain begins.
+    pub async fn reap(pool: Weak<Pool>, mut drain: DrainWatch) {
+        let mut tick = tokio::time::interval(REAP_INTERVAL);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            let mut reusable = None;
-            if let Some(mut c) = sticky.slot.pop()
-                && c.ready().await.is_ok()
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = drain.signaled() => return,
+            }
+            let Some(pool) = pool.upgrade() else { return };
+            for endpoint in pool.all() {
+                endpoint.reap(IDLE_TIMEOUT);
+            }
+        }
+    }
+}
+
+impl Endpoint {
+    fn new(key: EndpointKey) -> Arc<Self> {
+        Arc::new(Endpoint {
+            connector: Connector::new(key.addr),
+            key,
+            open: AtomicUsize::new(0),
+            dialing: AtomicUsize::new(0),
+            idle: ArrayQueue::new(MAX_IDLE),
+            returned: Notify::new(),
+            h2: multiplex::Shared::default(),
+        })
+    }
+
+    pub fn key(&self) -> &EndpointKey {
+        &self.key
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.key.addr
+    }
+
+    /// Open HTTP/1.1 connections (idle and lent).
+    pub fn open_connections(&self) -> usize {
+        self.open.load(Ordering::Relaxed)
+    }
+
+    /// Idle connections waiting for a request.
+    pub fn idle_connections(&self) -> usize {
+        self.idle.len()
+    }
+
+    /// Puts a connection that can take another request in the idle queue.
+    pub fn put_idle(&self, conn: H1Conn) {
+        if conn.send.is_closed() {
+            return;
+        }
+        // Full: close it rather than hoard (MAX_IDLE).
+        if self.idle.push(Idle { conn, since: Instant::now() }).is_ok() {
+            self.returned.notify_one();
+        }
+    }
+
+    /// Sends `req` on an HTTP/1.1 connection: `preferred` (the caller's last one) when it
+    /// can take a request, else an idle one, else a new one once the endpoint has room. A
+    /// request a reused connection could not even send (the peer closed it while idle) goes
+    /// out on another, so a keep-alive timeout racing a request is not an error.
+    pub async fn send_h1(
+        self: &Arc<Self>,
+        mut req: Request<RequestBody>,
+        mut preferred: Option<H1Conn>,
+        connect_timeout: Duration,
+    ) -> Result<(Response<Incoming>, Checkout), PoolError> {
+        loop {
+            let mut ready = None;
+            if let Some(mut c) = preferred.take()
+                && c.send.ready().await.is_ok()
             {
-                reusable = Some(c);
+                ready = Some(c);
             }
-            if reusable.is_none() {
-                reusable = self.take_idle().await;
+            if ready.is_none() {
+                ready = self.take_idle().await;
             }
-            let (mut conn, reused) = match reusable {
+            let (mut conn, reused) = match ready {
                 Some(c) => (c, true),
-                // Boxed: the connect path is rare, and inline it would make every request's future
-                // (moved on each poll) several times larger.
-                None => (Box::pin(self.connect_h1()).await?, false),
+                // Boxed: the connect path is rare, and inline it would make every request's
+                // future (moved on each poll) several times larger.
+                None => Box::pin(self.checkout_new(connect_timeout)).await?,
             };
-            match conn.try_send_request(req).await {
-                Ok(resp) => return Ok((resp, conn)),
+            match conn.send.try_send_request(req).await {
+                Ok(resp) => return Ok((resp, Checkout { conn })),
                 Err(mut e) => match e.take_message() {
-                    // Never written: the pooled connection died under us. Fresh ones are
-                    // not retried, so this loop ends.
+                    // Never written: the pooled connection died under us. A fresh one is not
+                    // tried twice, so this loop ends.
                     Some(back) if reused => req = back,
-                    _ => {
-                        return Err(PoolError::Send { addr: self.addr, source: e.into_error() });
+                    back => {
+                        let sent = back.is_none();
+                        return Err(PoolError::Send { addr: self.key.addr, source: e.into_error(), sent });
                     }
                 },
             }
@@ -223,108 +254,164 @@ impl Pool {
     /// An idle connection that can take a request now, skipping closed and stale ones.
     async fn take_idle(&self) -> Option<H1Conn> {
         while let Some(mut idle) = self.idle.pop() {
-            if idle.since.elapsed() > IDLE_TIMEOUT || idle.conn.is_closed() {
+            if idle.since.elapsed() > IDLE_TIMEOUT || idle.conn.send.is_closed() {
                 continue;
             }
             // Ready at once, or within a poll of the connection task finishing the last
-            // response; an error means the app closed it.
-            if idle.conn.ready().await.is_ok() {
+            // response; an error means the peer closed it.
+            if idle.conn.send.ready().await.is_ok() {
                 return Some(idle.conn);
             }
         }
         None
     }
 
-    async fn connect(&self) -> Result<TokioIo<TcpStream>, PoolError> {
-        let addr = self.addr;
-        let stream = match tokio::time::timeout(self.connect_timeout, TcpStream::connect(addr)).await {
-            Ok(Ok(s)) => s,
-            Ok(Err(source)) => return Err(PoolError::Connect { addr, source }),
-            Err(_) => {
-                return Err(PoolError::ConnectTimeout { addr, after: self.connect_timeout });
+    /// A connection for a request that found none idle: a new one when the endpoint has room
+    /// for another connection and another dial, else the first one returned.
+    async fn checkout_new(self: &Arc<Self>, connect_timeout: Duration) -> Result<(H1Conn, bool), PoolError> {
+        loop {
+            let returned = self.returned.notified();
+            let mut returned = std::pin::pin!(returned);
+            // Registered before looking, so a return between the look and the wait is seen.
+            returned.as_mut().enable();
+            if let Some(c) = self.take_idle().await {
+                return Ok((c, true));
             }
-        };
-        // Requests are small writes that must leave now, not wait for Nagle.
-        let _ = stream.set_nodelay(true);
-        Ok(TokioIo::new(stream))
+            if let Some(slot) = self.reserve_slot() {
+                if let Some(dialing) = self.reserve_dial() {
+                    return self.dial_h1(slot, dialing, connect_timeout).await.map(|c| (c, false));
+                }
+                drop(slot);
+            }
+            returned.await;
+        }
     }
 
-    async fn connect_h1(&self) -> Result<H1Conn, PoolError> {
-        let io = self.connect().await?;
-        let (sender, conn) = http1::Builder::new()
+    fn reserve_slot(self: &Arc<Self>) -> Option<Slot> {
+        let taken = self
+            .open
+            .fetch_update(Ordering::AcqRel, Ordering::Relaxed, |n| (n < MAX_CONNECTIONS).then_some(n + 1));
+        taken.is_ok().then(|| Slot(self.clone()))
+    }
+
+    fn reserve_dial(&self) -> Option<Dialing<'_>> {
+        let taken = self
+            .dialing
+            .fetch_update(Ordering::AcqRel, Ordering::Relaxed, |n| (n < MAX_DIALS).then_some(n + 1));
+        taken.is_ok().then_some(Dialing(self))
+    }
+
+    async fn dial_h1(
+        self: &Arc<Self>,
+        slot: Slot,
+        dialing: Dialing<'_>,
+        connect_timeout: Duration,
+    ) -> Result<H1Conn, PoolError> {
+        let io = self.connector.connect(connect_timeout).await?;
+        let (send, conn) = http1::Builder::new()
+            .max_buf_size(H1_MAX_BUF)
             .handshake(io)
             .await
-            .map_err(|source| PoolError::Handshake { addr: self.addr, source })?;
+            .map_err(|source| PoolError::Handshake { addr: self.key.addr, source })?;
+        drop(dialing);
         tokio::spawn(async move {
+            // The slot counts this connection until hyper is done with it.
+            let _slot = slot;
             if let Err(e) = conn.await {
-                tracing::debug!(error = %e, "app connection ended");
+                tracing::debug!(error = %e, "upstream connection ended");
             }
         });
-        Ok(sender)
+        Ok(H1Conn { send, endpoint: self.clone() })
     }
 
-    /// A dedicated HTTP/1.1 connection that may switch protocols (WebSocket); never pooled.
-    pub async fn send_upgrade(&self, req: Request<RequestBody>) -> Result<Response<Incoming>, PoolError> {
-        let io = self.connect().await?;
+    /// Closes idle connections older than `max_age` or closed by the peer.
+    fn reap(&self, max_age: Duration) {
+        // Pop what is there now and push back the good ones, in order; connections returned
+        // meanwhile simply join the queue.
+        for _ in 0..self.idle.len() {
+            let Some(idle) = self.idle.pop() else { break };
+            if idle.since.elapsed() <= max_age && !idle.conn.send.is_closed() {
+                let _ = self.idle.push(idle);
+            }
+        }
+    }
+
+    /// A dedicated HTTP/1.1 connection that may switch protocols (WebSocket); never pooled
+    /// and not counted against the cap: a tunnel is bounded by the listener's connections.
+    pub async fn send_upgrade(
+        &self,
+        req: Request<RequestBody>,
+        connect_timeout: Duration,
+    ) -> Result<Response<Incoming>, PoolError> {
+        let addr = self.key.addr;
+        let io = self.connector.connect(connect_timeout).await?;
         let (mut sender, conn) = http1::Builder::new()
+            .max_buf_size(H1_MAX_BUF)
             .handshake(io)
             .await
-            .map_err(|source| PoolError::Handshake { addr: self.addr, source })?;
+            .map_err(|source| PoolError::Handshake { addr, source })?;
         tokio::spawn(async move {
             if let Err(e) = conn.with_upgrades().await {
-                tracing::debug!(error = %e, "app upgrade connection ended");
+                tracing::debug!(error = %e, "upstream upgrade connection ended");
             }
         });
-        sender.send_request(req).await.map_err(|source| PoolError::Send { addr: self.addr, source })
+        sender.send_request(req).await.map_err(|source| PoolError::Send { addr, source, sent: true })
     }
 
-    async fn send_h2(&self, req: Request<RequestBody>) -> Result<Response<Incoming>, PoolError> {
-        let mut sender = match self.h2.load().as_deref() {
-            Some(s) if !s.is_closed() => s.clone(),
-            _ => Box::pin(self.h2_sender()).await?,
+    /// Sends `req` on the endpoint's shared HTTP/2 connection, connecting it if needed.
+    pub async fn send_h2(
+        &self,
+        req: Request<RequestBody>,
+        connect_timeout: Duration,
+    ) -> Result<Response<Incoming>, PoolError> {
+        let mut sender = match self.h2.current() {
+            Some(s) => s,
+            None => Box::pin(self.h2.connect(&self.connector, connect_timeout)).await?,
         };
-        sender.send_request(req).await.map_err(|source| PoolError::Send { addr: self.addr, source })
+        // h2 hands an unsent request back as a "refused stream" error: the connection was
+        // going away (GOAWAY) before the stream opened.
+        sender.send_request(req).await.map_err(|source| {
+            let sent = !source.is_canceled();
+            PoolError::Send { addr: self.key.addr, source, sent }
+        })
     }
 
-    async fn h2_sender(&self) -> Result<http2::SendRequest<RequestBody>, PoolError> {
-        if let Some(s) = self.h2.load().as_deref()
-            && !s.is_closed()
-        {
-            return Ok(s.clone());
+    /// Whether the endpoint speaks HTTP/2 with prior knowledge (for `http: auto`), learned
+    /// once by a PING: nothing reaches the peer's handlers. While it cannot be reached the
+    /// answer is "yes", so the request fails as it would have anyway and the probe runs
+    /// again next time.
+    pub async fn speaks_h2(&self, connect_timeout: Duration) -> bool {
+        match self.h2.known() {
+            Some(v) => v,
+            None => Box::pin(self.h2.probe(&self.connector, connect_timeout)).await,
         }
-        let _one = self.h2_connect.lock().await;
-        // Someone else may have connected while we waited.
-        if let Some(s) = self.h2.load().as_deref()
-            && !s.is_closed()
-        {
-            return Ok(s.clone());
-        }
-        let io = self.connect().await?;
-        let (sender, conn) = http2::Builder::new(TokioExecutor::new())
-            .timer(TokioTimer::new())
-            // Notice a dead app connection within ~40 s even when no request is in flight.
-            .keep_alive_interval(Duration::from_secs(30))
-            .keep_alive_timeout(Duration::from_secs(10))
-            .handshake(io)
-            .await
-            .map_err(|source| PoolError::Handshake { addr: self.addr, source })?;
-        tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                tracing::debug!(error = %e, "app h2 connection ended");
-            }
-        });
-        self.h2.store(Some(Arc::new(sender.clone())));
-        Ok(sender)
     }
 }
 
-/// True when the peer completes an HTTP/2 handshake and answers a PING.
-async fn probe_h2(io: TcpStream) -> bool {
-    let Ok((_send, mut conn)) = h2::client::handshake(io).await else { return false };
-    let Some(mut ping_pong) = conn.ping_pong() else { return false };
-    tokio::select! {
-        pong = ping_pong.ping(h2::Ping::opaque()) => pong.is_ok(),
-        // The connection future only ends early when the peer breaks the protocol.
-        _ = conn => false,
+impl H1Conn {
+    pub fn endpoint(&self) -> &Arc<Endpoint> {
+        &self.endpoint
+    }
+
+    /// Into its endpoint's idle queue, for any request to take.
+    pub fn return_to_pool(self) {
+        let endpoint = self.endpoint.clone();
+        endpoint.put_idle(self);
+    }
+}
+
+impl Checkout {
+    /// The connection back, when the request body (`sent`, if it had one) and the response
+    /// body both went through whole and hyper kept the connection open; `None` closes it.
+    pub fn reusable(self, request_body: Option<&BodyStats>, response_complete: bool) -> Option<H1Conn> {
+        let body_sent = request_body.is_none_or(|s| s.done.load(Ordering::Relaxed));
+        (response_complete && body_sent && !self.conn.send.is_closed()).then_some(self.conn)
+    }
+
+    /// Returns a reusable connection to its endpoint's idle queue.
+    pub fn release(self, request_body: Option<&BodyStats>, response_complete: bool) {
+        if let Some(conn) = self.reusable(request_body, response_complete) {
+            conn.return_to_pool();
+        }
     }
 }

@@ -2,10 +2,12 @@
 //! its rotation when those files change.
 //!
 //! cert-manager and Kubernetes Secret volumes replace files by swapping a symlink, so the
-//! files are polled by content once a second rather than watched. A change builds a whole new
-//! config; new handshakes use it, established connections keep theirs. A broken new file
+//! files are polled by content digest (`files::FileWatcher`, on its own thread) rather than
+//! watched. A change builds a whole new config on a blocking thread, never a data-plane
+//! worker; new handshakes use it, established connections keep theirs. A broken new file
 //! (bad PEM, a key that does not match, an expired certificate) is logged with its name and
-//! the old material stays in use.
+//! the old material stays in use. Key bytes are read into a buffer that is zeroed when
+//! dropped and live on only inside rustls.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Weak};
@@ -17,13 +19,17 @@ use rustls::server::{ProducesTickets, ServerSessionMemoryCache, StoresServerSess
 use rustls::{RootCertStore, ServerConfig};
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use tokio::sync::oneshot;
 use tokio_rustls::TlsAcceptor;
 use x509_parser::prelude::{FromDer, X509Certificate};
+use zeroize::Zeroizing;
 
 use crate::config::InboundTls;
+use crate::files::FileWatcher;
 
-/// How often the files are compared with what is loaded.
-const POLL: Duration = Duration::from_secs(1);
+/// How long the files must stay unchanged before a change is used: a writer replacing the
+/// cert and then the key is seen as one change, so a cert is never paired with the old key.
+const SETTLE: Duration = Duration::from_millis(100);
 /// TLS 1.2 sessions remembered for resumption by session ID (TLS 1.3 uses tickets).
 const SESSION_CACHE: usize = 4096;
 
@@ -53,11 +59,6 @@ pub enum TlsError {
     Rustls(rustls::Error),
 }
 
-/// The loaded files, as they were read.
-struct Snapshot {
-    bytes: Vec<Vec<u8>>,
-}
-
 /// A listener's TLS state: the current config and what it was built from.
 pub struct ServerTls {
     files: InboundTls,
@@ -67,28 +68,48 @@ pub struct ServerTls {
     sessions: Arc<dyn StoresServerSessions>,
     ticketer: Arc<dyn ProducesTickets>,
     expiry: Gauge,
+    /// Dropped with this value, which ends its file watch.
+    _watching: oneshot::Sender<()>,
 }
 
 impl ServerTls {
-    /// Reads and checks the files and builds the config. `alpn` is what the listener speaks
-    /// (`h2`, `http/1.1`), empty for TCP.
-    pub fn load(files: &InboundTls, alpn: Vec<Vec<u8>>, expiry: Gauge) -> Result<Arc<Self>, TlsError> {
+    /// Reads and checks the files, builds the config, and watches the files for rotation
+    /// until the value is dropped. `alpn` is what the listener speaks (`h2`, `http/1.1`),
+    /// empty for TCP.
+    pub fn load(
+        files: &InboundTls,
+        alpn: Vec<Vec<u8>>,
+        expiry: Gauge,
+        watcher: &FileWatcher,
+        listener: &str,
+    ) -> Result<Arc<Self>, TlsError> {
         let sessions: Arc<dyn StoresServerSessions> = ServerSessionMemoryCache::new(SESSION_CACHE);
         let ticketer = rustls::crypto::ring::Ticketer::new().map_err(TlsError::Rustls)?;
         let (config, not_after) = build(files, &alpn, &sessions, &ticketer)?;
         expiry.set(not_after);
-        Ok(Arc::new(ServerTls {
+        let (watching, dropped) = oneshot::channel();
+        let tls = Arc::new(ServerTls {
             files: files.clone(),
             alpn,
             current: ArcSwap::from_pointee(config),
             sessions,
             ticketer,
             expiry,
-        }))
+            _watching: watching,
+        });
+        let paths = [Some(&files.cert), Some(&files.key), files.client_ca.as_ref()];
+        let watch = watcher.watch(paths.into_iter().flatten().cloned().collect(), SETTLE);
+        tokio::spawn(rotate(Arc::downgrade(&tls), watch, dropped, listener.to_owned()));
+        Ok(tls)
     }
 
     pub fn files(&self) -> &InboundTls {
         &self.files
+    }
+
+    /// The ALPN protocols offered: part of what a reload compares before reusing this.
+    pub fn alpn(&self) -> &[Vec<u8>] {
+        &self.alpn
     }
 
     /// An acceptor with the current material.
@@ -105,38 +126,31 @@ impl ServerTls {
     }
 }
 
-/// Polls the files of `tls` and reloads when their bytes change. Ends when the listener
-/// drops its `ServerTls` (a reload replaced it, or the process is exiting).
-pub async fn watch(tls: Weak<ServerTls>, listener: String) {
-    let mut last = match tls.upgrade() {
-        Some(t) => read_all(&t.files),
-        None => return,
-    };
+/// Rebuilds the config whenever the watched files settle on new content, until the
+/// listener drops its `ServerTls` (a reload replaced it, or the process is exiting) or the
+/// watcher stops. The rebuild reads files, so it runs on a blocking thread.
+async fn rotate(
+    tls: Weak<ServerTls>,
+    mut watch: crate::files::Watch,
+    mut dropped: oneshot::Receiver<()>,
+    listener: String,
+) {
     loop {
-        tokio::time::sleep(POLL).await;
-        let Some(t) = tls.upgrade() else { return };
-        let now = read_all(&t.files);
-        if now.bytes == last.bytes {
-            continue;
+        tokio::select! {
+            changed = watch.changed() => if changed.is_none() { return },
+            _ = &mut dropped => return,
         }
-        // A writer may be half-way through replacing several files: wait a moment and read
-        // again, so a cert is not paired with the previous key.
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        let settled = read_all(&t.files);
-        match t.reload() {
-            Ok(()) => tracing::info!(%listener, cert = %t.files.cert.display(), "TLS material rotated"),
-            Err(e) => {
+        let Some(t) = tls.upgrade() else { return };
+        let cert = t.files.cert.display().to_string();
+        let rebuilt = tokio::task::spawn_blocking(move || t.reload()).await;
+        match rebuilt {
+            Ok(Ok(())) => tracing::info!(%listener, %cert, "TLS material rotated"),
+            Ok(Err(e)) => {
                 tracing::error!(%listener, error = %e, "TLS files changed but cannot be used; keeping the current ones")
             }
+            Err(e) => tracing::error!(%listener, error = %e, "TLS rebuild failed"),
         }
-        // Either way, wait for the next change rather than retrying the same broken bytes.
-        last = settled;
     }
-}
-
-fn read_all(files: &InboundTls) -> Snapshot {
-    let paths = [Some(&files.cert), Some(&files.key), files.client_ca.as_ref()];
-    Snapshot { bytes: paths.into_iter().flatten().map(|p| std::fs::read(p).unwrap_or_default()).collect() }
 }
 
 fn read(path: &Path) -> Result<Vec<u8>, TlsError> {
@@ -176,6 +190,27 @@ pub fn check(files: &InboundTls) -> Result<(), TlsError> {
     build(files, &[], &sessions, &ticketer).map(|_| ())
 }
 
+/// ring with its suites strongest first: 256-bit AES-GCM, then ChaCha20-Poly1305, then
+/// 128-bit AES-GCM; ECDSA before RSA within each for TLS 1.2 (smaller, faster handshakes).
+/// All are AEAD with forward secrecy, as rustls offers no others.
+fn provider() -> rustls::crypto::CryptoProvider {
+    use rustls::crypto::ring::cipher_suite::*;
+    rustls::crypto::CryptoProvider {
+        cipher_suites: vec![
+            TLS13_AES_256_GCM_SHA384,
+            TLS13_CHACHA20_POLY1305_SHA256,
+            TLS13_AES_128_GCM_SHA256,
+            TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384,
+            TLS_ECDHE_RSA_WITH_AES_256_GCM_SHA384,
+            TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256,
+            TLS_ECDHE_RSA_WITH_CHACHA20_POLY1305_SHA256,
+            TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256,
+            TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256,
+        ],
+        ..rustls::crypto::ring::default_provider()
+    }
+}
+
 fn build(
     files: &InboundTls,
     alpn: &[Vec<u8>],
@@ -184,10 +219,11 @@ fn build(
 ) -> Result<(ServerConfig, i64), TlsError> {
     let chain = certs(&files.cert)?;
     let not_after = check_validity(&files.cert, &chain[0])?;
-    let key_pem = read(&files.key)?;
+    // Zeroed when dropped: the key lives on in rustls only.
+    let key_pem = Zeroizing::new(read(&files.key)?);
     let key = PrivateKeyDer::from_pem_slice(&key_pem)
         .map_err(|e| TlsError::BadKey { path: files.key.clone(), reason: e.to_string() })?;
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let provider = Arc::new(provider());
     let builder = ServerConfig::builder_with_provider(provider.clone())
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
         .map_err(TlsError::Rustls)?;
@@ -211,6 +247,9 @@ fn build(
         other => TlsError::Rustls(other),
     })?;
     config.alpn_protocols = alpn.to_vec();
+    // Our order, not the client's: scanners (testssl.sh, SSL Labs) expect the server to pick
+    // the strongest suite both sides have (issue 9, bug 8).
+    config.ignore_client_order = true;
     config.session_storage = sessions.clone();
     config.ticketer = ticketer.clone();
     // One ticket per handshake: enough to resume, and each costs an encryption.

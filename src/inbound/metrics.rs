@@ -1,0 +1,309 @@
+//! The inbound direction's metric families (names are public: INTERFACE.md), registered on
+//! the shared registry at start, and per-listener handles resolved once so the request path
+//! never formats or hashes a label set.
+
+use std::sync::{Arc, OnceLock};
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+
+use crate::telemetry::metrics::LatencyHistogram;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ListenerLabels {
+    listener: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StatusLabels {
+    listener: String,
+    status_code: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RejectLabels {
+    listener: String,
+    reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct HandshakeLabels {
+    listener: String,
+    result: &'static str,
+}
+
+/// Why a connection or request was refused: the `reason` label of
+/// `sidecar_inbound_rejected_total`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Reject {
+    /// More open connections than `limits.max_connections`.
+    MaxConnections,
+    /// Request head over `limits.max_header_bytes` or too many headers (431).
+    HeadersTooLarge,
+    /// Request head not sent within `limits.header_read_timeout` (slowloris).
+    HeaderTimeout,
+    /// Framing a proxy and an app could read differently: CL with TE, differing CLs,
+    /// a bare LF, obs-fold, a bad chunk (400, connection closed).
+    Smuggling,
+    /// Anything else hyper refuses to parse (400).
+    Malformed,
+    /// HTTP/2 abuse: rapid reset, CONTINUATION flood, protocol errors (GOAWAY).
+    Http2Protocol,
+    /// A verified client whose identity is not in `tls.allowed_identities` (403, or the
+    /// TCP connection closed).
+    IdentityNotAllowed,
+}
+
+impl Reject {
+    const ALL: [Reject; 7] = [
+        Reject::MaxConnections,
+        Reject::HeadersTooLarge,
+        Reject::HeaderTimeout,
+        Reject::Smuggling,
+        Reject::Malformed,
+        Reject::Http2Protocol,
+        Reject::IdentityNotAllowed,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Reject::MaxConnections => "max_connections",
+            Reject::HeadersTooLarge => "headers_too_large",
+            Reject::HeaderTimeout => "header_timeout",
+            Reject::Smuggling => "smuggling",
+            Reject::Malformed => "malformed",
+            Reject::Http2Protocol => "http2_protocol",
+            Reject::IdentityNotAllowed => "identity_not_allowed",
+        }
+    }
+}
+
+/// How a TLS handshake ended: the `result` label of `sidecar_tls_handshakes_total`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Handshake {
+    Success,
+    Timeout,
+    /// The client closed or reset the connection mid-handshake.
+    Aborted,
+    /// The first bytes were not a TLS ClientHello.
+    NotTls,
+    /// No protocol version or cipher suite in common.
+    Incompatible,
+    NoClientCert,
+    ClientCertExpired,
+    ClientCertNotYetValid,
+    UnknownCa,
+    BadClientCert,
+    Error,
+}
+
+impl Handshake {
+    const ALL: [Handshake; 11] = [
+        Handshake::Success,
+        Handshake::Timeout,
+        Handshake::Aborted,
+        Handshake::NotTls,
+        Handshake::Incompatible,
+        Handshake::NoClientCert,
+        Handshake::ClientCertExpired,
+        Handshake::ClientCertNotYetValid,
+        Handshake::UnknownCa,
+        Handshake::BadClientCert,
+        Handshake::Error,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Handshake::Success => "success",
+            Handshake::Timeout => "timeout",
+            Handshake::Aborted => "aborted",
+            Handshake::NotTls => "not_tls",
+            Handshake::Incompatible => "incompatible",
+            Handshake::NoClientCert => "no_client_cert",
+            Handshake::ClientCertExpired => "client_cert_expired",
+            Handshake::ClientCertNotYetValid => "client_cert_not_yet_valid",
+            Handshake::UnknownCa => "unknown_ca",
+            Handshake::BadClientCert => "bad_client_cert",
+            Handshake::Error => "error",
+        }
+    }
+}
+
+/// The inbound families, cloned (they are shared handles) into every listener's metrics.
+#[derive(Clone)]
+pub struct InboundMetrics {
+    requests: Family<StatusLabels, Counter>,
+    duration: Family<ListenerLabels, LatencyHistogram>,
+    open: Family<ListenerLabels, Gauge>,
+    rejected: Family<RejectLabels, Counter>,
+    handshakes: Family<HandshakeLabels, Counter>,
+    cert_expiry: Family<ListenerLabels, Gauge>,
+}
+
+impl InboundMetrics {
+    pub fn register(registry: &mut Registry) -> Self {
+        let m = InboundMetrics {
+            requests: Family::default(),
+            duration: Family::default(),
+            open: Family::default(),
+            rejected: Family::default(),
+            handshakes: Family::default(),
+            cert_expiry: Family::default(),
+        };
+        registry.register("inbound_requests", "Requests answered on an inbound listener", m.requests.clone());
+        registry.register(
+            "inbound_request_duration_seconds",
+            "Time from request head to the end of the response body",
+            m.duration.clone(),
+        );
+        registry.register("inbound_connections_open", "Open inbound connections", m.open.clone());
+        registry.register(
+            "inbound_rejected",
+            "Connections and requests refused, by reason",
+            m.rejected.clone(),
+        );
+        registry.register(
+            "tls_handshakes",
+            "TLS handshakes on inbound listeners, by result",
+            m.handshakes.clone(),
+        );
+        registry.register(
+            "tls_cert_expiry_timestamp_seconds",
+            "When the listener's serving certificate expires (Unix time)",
+            m.cert_expiry.clone(),
+        );
+        m
+    }
+
+    /// The handles one listener needs, resolved now: every rejection reason's series exists
+    /// (at 0) from the listener's start.
+    pub fn listener(&self, name: &str) -> Arc<ListenerMetrics> {
+        let labels = ListenerLabels { listener: name.to_owned() };
+        let rejected = Reject::ALL.map(|r| {
+            self.rejected
+                .get_or_create(&RejectLabels { listener: name.to_owned(), reason: r.as_str() })
+                .clone()
+        });
+        Arc::new(ListenerMetrics {
+            name: name.into(),
+            duration: self.duration.get_or_create(&labels).clone(),
+            open: self.open.get_or_create(&labels).clone(),
+            by_status: std::array::from_fn(|_| OnceLock::new()),
+            rejected,
+            handshakes: OnceLock::new(),
+            families: self.clone(),
+        })
+    }
+}
+
+/// One listener's metric handles.
+pub struct ListenerMetrics {
+    pub name: Arc<str>,
+    pub duration: LatencyHistogram,
+    pub open: Gauge,
+    /// Counters by status code 100..=599, created on first use.
+    by_status: [OnceLock<Counter>; 500],
+    rejected: [Counter; Reject::ALL.len()],
+    /// Filled when the listener gets TLS (`tls_enabled`).
+    handshakes: OnceLock<[Counter; Handshake::ALL.len()]>,
+    families: InboundMetrics,
+}
+
+impl ListenerMetrics {
+    pub fn request(&self, status: u16, elapsed: std::time::Duration) {
+        self.duration.observe(elapsed);
+        let counter = match status.checked_sub(100).and_then(|i| self.by_status.get(i as usize)) {
+            Some(slot) => slot.get_or_init(|| self.status_counter(status)),
+            None => &self.status_counter(status),
+        };
+        counter.inc();
+    }
+
+    fn status_counter(&self, status: u16) -> Counter {
+        let labels = StatusLabels { listener: self.name.to_string(), status_code: status.to_string() };
+        self.families.requests.get_or_create(&labels).clone()
+    }
+
+    /// The listener terminates TLS: its handshake series (all at 0) and expiry gauge exist
+    /// from now on. Returns the expiry gauge.
+    pub fn tls_enabled(&self) -> Gauge {
+        self.handshakes.get_or_init(|| {
+            Handshake::ALL.map(|h| {
+                let labels = HandshakeLabels { listener: self.name.to_string(), result: h.as_str() };
+                self.families.handshakes.get_or_create(&labels).clone()
+            })
+        });
+        let labels = ListenerLabels { listener: self.name.to_string() };
+        self.families.cert_expiry.get_or_create(&labels).clone()
+    }
+
+    /// A TLS handshake ended: `success`, or why not.
+    pub fn handshake(&self, result: Handshake) {
+        // Set by `tls_enabled` before the listener's first handshake.
+        if let Some(counters) = self.handshakes.get()
+            && let Some(i) = Handshake::ALL.iter().position(|h| *h == result)
+        {
+            counters[i].inc();
+        }
+    }
+
+    pub fn reject(&self, reason: Reject) {
+        if let Some(i) = Reject::ALL.iter().position(|r| *r == reason) {
+            self.rejected[i].inc();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    fn encode(registry: &Registry) -> String {
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, registry).unwrap();
+        out
+    }
+
+    #[test]
+    fn exposition_has_the_public_names() {
+        let mut registry = Registry::with_prefix("sidecar");
+        let m = InboundMetrics::register(&mut registry);
+        let l = m.listener("web");
+        l.request(200, Duration::from_millis(3));
+        l.request(503, Duration::from_millis(30));
+        l.reject(Reject::HeadersTooLarge);
+        let out = encode(&registry);
+        for needle in [
+            "sidecar_inbound_requests_total{listener=\"web\",status_code=\"200\"} 1",
+            "sidecar_inbound_requests_total{listener=\"web\",status_code=\"503\"} 1",
+            "sidecar_inbound_request_duration_seconds_count{listener=\"web\"} 2",
+            "sidecar_inbound_request_duration_seconds_bucket{le=\"0.005\",listener=\"web\"} 1",
+            "sidecar_inbound_rejected_total{listener=\"web\",reason=\"headers_too_large\"} 1",
+            "sidecar_inbound_rejected_total{listener=\"web\",reason=\"max_connections\"} 0",
+        ] {
+            assert!(out.contains(needle), "missing {needle} in\n{out}");
+        }
+        assert!(!out.contains("sidecar_tls_handshakes_total{"), "a plain listener has no handshake series");
+    }
+
+    #[test]
+    fn handshake_series_exist_at_zero_once_tls_is_on() {
+        let mut registry = Registry::with_prefix("sidecar");
+        let l = InboundMetrics::register(&mut registry).listener("secure");
+        l.tls_enabled();
+        l.handshake(Handshake::UnknownCa);
+        let out = encode(&registry);
+        assert!(
+            out.contains("sidecar_tls_handshakes_total{listener=\"secure\",result=\"success\"} 0"),
+            "{out}"
+        );
+        assert!(
+            out.contains("sidecar_tls_handshakes_total{listener=\"secure\",result=\"unknown_ca\"} 1"),
+            "{out}"
+        );
+    }
+}

@@ -1,0 +1,78 @@
+//! Errors of a proxied request mapped to what the client gets, in one place: the status, a
+//! short plain body and the stable name the access log's `error` field carries (as
+//! linkerd2-proxy's "rescue" does). Nothing here formats per request: bodies and names
+//! are static.
+
+use http::StatusCode;
+
+use super::connect::PoolError;
+
+/// Why the proxy answered a request itself instead of passing on the upstream's answer.
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    /// The client's verified identity is not in the listener's `allowed_identities`.
+    #[error("client identity not allowed")]
+    IdentityNotAllowed,
+    /// `CONNECT` asks for a tunnel somewhere else; a sidecar only reaches its own app.
+    #[error("CONNECT is not proxied")]
+    ConnectRefused,
+    /// No response head within `request_timeout`.
+    #[error("upstream timed out")]
+    Timeout,
+    /// The client's request body broke off (reset stream, bad chunk) while being sent on.
+    #[error("client request body failed")]
+    ClientBody,
+    #[error(transparent)]
+    Upstream(#[from] PoolError),
+}
+
+/// A local answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rescue {
+    pub status: StatusCode,
+    pub body: &'static str,
+    /// The access log's `error` value.
+    pub error: &'static str,
+}
+
+impl ProxyError {
+    pub fn rescue(&self) -> Rescue {
+        let (status, body, error) = match self {
+            ProxyError::IdentityNotAllowed => {
+                (StatusCode::FORBIDDEN, "client identity not allowed\n", "identity_not_allowed")
+            }
+            ProxyError::ConnectRefused => {
+                (StatusCode::METHOD_NOT_ALLOWED, "CONNECT is not proxied here\n", "connect_refused")
+            }
+            ProxyError::Timeout => (StatusCode::GATEWAY_TIMEOUT, "app timed out\n", "app_timeout"),
+            ProxyError::ClientBody => (StatusCode::BAD_REQUEST, "bad request body\n", "client_body_error"),
+            ProxyError::Upstream(e) => (StatusCode::BAD_GATEWAY, "app unavailable\n", e.kind()),
+        };
+        Rescue { status, body, error }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_error_has_its_answer() {
+        let refused = PoolError::Connect {
+            addr: "127.0.0.1:1".parse().unwrap(),
+            source: std::io::ErrorKind::ConnectionRefused.into(),
+        };
+        let cases = [
+            (ProxyError::IdentityNotAllowed, 403, "identity_not_allowed"),
+            (ProxyError::ConnectRefused, 405, "connect_refused"),
+            (ProxyError::Timeout, 504, "app_timeout"),
+            (ProxyError::ClientBody, 400, "client_body_error"),
+            (ProxyError::Upstream(refused), 502, "app_connection_refused"),
+        ];
+        for (e, status, name) in cases {
+            let r = e.rescue();
+            assert_eq!((r.status.as_u16(), r.error), (status, name), "{e}");
+            assert!(r.body.ends_with('\n'));
+        }
+    }
+}

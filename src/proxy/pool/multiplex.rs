@@ -1,0 +1,111 @@
+//! An endpoint's one shared HTTP/2 connection, and the PING probe that tells whether an
+//! endpoint speaks HTTP/2 at all (`http: auto`).
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::time::Duration;
+
+use arc_swap::ArcSwapOption;
+use hyper::client::conn::http2;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+use tokio::net::TcpStream;
+
+use super::{Connector, PoolError};
+use crate::proxy::body::RequestBody;
+
+/// How long the probe waits for the peer's PONG. A local app answers in microseconds; an
+/// HTTP/1-only one fails at once; this bounds a silent one.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
+/// Flow-control windows we give the upstream: how much response body it may send before we
+/// pass some on. RFC 9113's 64 KiB per stream; 256 KiB per connection. hyper's defaults
+/// (2 MiB / 5 MiB) let one slow client make us hold megabytes (issue 9, bug 9).
+const STREAM_WINDOW: u32 = 64 * 1024;
+const CONNECTION_WINDOW: u32 = 256 * 1024;
+/// Request body bytes queued per stream before we stop reading the client.
+const MAX_SEND_BUF: usize = 64 * 1024;
+
+const UNKNOWN: u8 = 0;
+const YES: u8 = 1;
+const NO: u8 = 2;
+
+pub type H2Sender = http2::SendRequest<RequestBody>;
+
+#[derive(Default)]
+pub struct Shared {
+    conn: ArcSwapOption<H2Sender>,
+    /// Single flight for connects and the probe: a burst of requests opens one connection.
+    connecting: tokio::sync::Mutex<()>,
+    /// Whether the peer speaks HTTP/2 with prior knowledge (`YES`/`NO`), once probed.
+    support: AtomicU8,
+}
+
+impl Shared {
+    /// The open connection, if there is one.
+    pub fn current(&self) -> Option<H2Sender> {
+        self.conn.load().as_deref().filter(|s| !s.is_closed()).cloned()
+    }
+
+    pub fn known(&self) -> Option<bool> {
+        match self.support.load(Ordering::Relaxed) {
+            YES => Some(true),
+            NO => Some(false),
+            _ => None,
+        }
+    }
+
+    /// Opens the connection, or waits for the request that is opening it.
+    pub async fn connect(&self, connector: &Connector, timeout: Duration) -> Result<H2Sender, PoolError> {
+        let _one = self.connecting.lock().await;
+        // Someone else may have connected while we waited.
+        if let Some(s) = self.current() {
+            return Ok(s);
+        }
+        let addr = connector.addr;
+        let io = connector.connect(timeout).await?;
+        let (sender, conn) = http2::Builder::new(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            // Notice a dead connection within ~40 s even when no request is in flight.
+            .keep_alive_interval(Duration::from_secs(30))
+            .keep_alive_timeout(Duration::from_secs(10))
+            .initial_stream_window_size(STREAM_WINDOW)
+            .initial_connection_window_size(CONNECTION_WINDOW)
+            .max_send_buf_size(MAX_SEND_BUF)
+            .handshake(io)
+            .await
+            .map_err(|source| PoolError::Handshake { addr, source })?;
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(error = %e, "upstream h2 connection ended");
+            }
+        });
+        self.conn.store(Some(Arc::new(sender.clone())));
+        Ok(sender)
+    }
+
+    /// Learns whether the peer speaks HTTP/2: an HTTP/2 server answers a PING with a PONG, an
+    /// HTTP/1-only one fails the preface.
+    pub async fn probe(&self, connector: &Connector, timeout: Duration) -> bool {
+        let _one = self.connecting.lock().await;
+        if self.support.load(Ordering::Relaxed) == UNKNOWN {
+            let Ok(io) = connector.connect(timeout).await else { return true };
+            let verdict = match tokio::time::timeout(PROBE_TIMEOUT, ping(io.into_inner())).await {
+                Ok(true) => YES,
+                _ => NO,
+            };
+            tracing::info!(upstream = %connector.addr, http2 = verdict == YES, "probed for HTTP/2 (http: auto)");
+            self.support.store(verdict, Ordering::Relaxed);
+        }
+        self.support.load(Ordering::Relaxed) == YES
+    }
+}
+
+/// True when the peer completes an HTTP/2 handshake and answers a PING.
+async fn ping(io: TcpStream) -> bool {
+    let Ok((_send, mut conn)) = h2::client::handshake(io).await else { return false };
+    let Some(mut ping_pong) = conn.ping_pong() else { return false };
+    tokio::select! {
+        pong = ping_pong.ping(h2::Ping::opaque()) => pong.is_ok(),
+        // The connection future only ends early when the peer breaks the protocol.
+        _ = conn => false,
+    }
+}
