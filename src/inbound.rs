@@ -253,3 +253,6 @@ async fn accept_loop(
     }
     // Dropping the listener closes the socket: new connections are refused from here on.
 }
+
+#[cfg(test)]
+mod tests;

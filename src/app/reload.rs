@@ -36,10 +36,11 @@ impl ReloadMetrics {
     pub fn register(registry: &mut Registry) -> Self {
         let family = Family::<ResultLabels, Counter>::default();
         registry.register("config_reloads", "Config reloads, by result", family.clone());
-        ReloadMetrics {
-            success: family.get_or_create(&ResultLabels { result: "success" }).clone(),
-            error: family.get_or_create(&ResultLabels { result: "error" }).clone(),
-        }
+        // One statement each: `get_or_create` returns a read guard, and a second call
+        // in the same expression would wait for ever to write.
+        let success = family.get_or_create(&ResultLabels { result: "success" }).clone();
+        let error = family.get_or_create(&ResultLabels { result: "error" }).clone();
+        ReloadMetrics { success, error }
     }
 }
 

@@ -100,3 +100,88 @@ pub async fn supervise<E, C: Future<Output = Result<(), E>>>(
     })
     .await
 }
+
+#[cfg(test)]
+mod tests {
+    use std::pin::Pin;
+    use std::task::{Context, Poll};
+
+    use super::*;
+    use crate::drain::Drain;
+
+    /// A connection that runs until it is asked to shut down, then ends (if `obeys`).
+    struct FakeConn {
+        shut: bool,
+        obeys: bool,
+    }
+
+    impl Future for FakeConn {
+        type Output = Result<(), ()>;
+        fn poll(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<Self::Output> {
+            if self.shut && self.obeys { Poll::Ready(Ok(())) } else { Poll::Pending }
+        }
+    }
+
+    fn shut(c: Pin<&mut FakeConn>) {
+        c.get_mut().shut = true;
+    }
+
+    fn limits(header: u64, idle: u64) -> Limits {
+        let mut l =
+            crate::config::parse(std::path::Path::new("t"), "inbound: [{name: a, listen: 127.0.0.1:1}]")
+                .unwrap()
+                .inbound[0]
+                .limits
+                .clone();
+        l.header_read_timeout = Duration::from_millis(header);
+        l.idle_timeout = Duration::from_millis(idle);
+        l
+    }
+
+    #[tokio::test]
+    async fn a_head_not_finished_in_time_ends_the_connection() {
+        let state = ConnState::new(); // a head is "started" from the connection's start
+        let (_drain, watch) = Drain::new();
+        let conn = FakeConn { shut: false, obeys: true };
+        let ended = supervise(conn, shut, &state, &limits(100, 10_000), watch).await;
+        assert_eq!(ended, Ok(Ended::HeaderTimeout));
+    }
+
+    #[tokio::test]
+    async fn an_idle_connection_is_shut_down_then_closed() {
+        let state = ConnState::new();
+        state.head_started.store(0, Ordering::Relaxed);
+        let (_drain, watch) = Drain::new();
+        let started = Instant::now();
+        let conn = FakeConn { shut: false, obeys: false };
+        let ended = supervise(conn, shut, &state, &limits(10_000, 100), watch).await;
+        assert_eq!(ended, Ok(Ended::Done));
+        assert!(started.elapsed() >= Duration::from_millis(100));
+    }
+
+    #[tokio::test]
+    async fn a_busy_connection_is_not_idle() {
+        let state = ConnState::new();
+        state.head_started.store(0, Ordering::Relaxed);
+        state.in_flight.store(1, Ordering::Relaxed);
+        let (_drain, watch) = Drain::new();
+        let conn = FakeConn { shut: false, obeys: true };
+        let limits = limits(10_000, 50);
+        let run = supervise(conn, shut, &state, &limits, watch);
+        assert!(tokio::time::timeout(Duration::from_millis(300), run).await.is_err());
+    }
+
+    #[tokio::test]
+    async fn the_drain_asks_the_connection_to_shut_down() {
+        let state = ConnState::new();
+        state.head_started.store(0, Ordering::Relaxed);
+        let (drain, watch) = Drain::new();
+        let conn = FakeConn { shut: false, obeys: true };
+        let limits = limits(10_000, 10_000);
+        let run = tokio::spawn(async move { supervise(conn, shut, &state, &limits, watch).await });
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        drain.start();
+        let ended = tokio::time::timeout(Duration::from_secs(1), run).await.unwrap().unwrap();
+        assert_eq!(ended, Ok(Ended::Done));
+    }
+}

@@ -22,7 +22,8 @@ pub struct BodyStats {
 /// only when the app's connection can take more, which is the backpressure that keeps a
 /// 1 GiB upload at a few buffers of memory.
 pub struct RequestBody {
-    inner: Incoming,
+    /// `None`: a body made here with nothing in it (health checks, tests, later retries).
+    inner: Option<Incoming>,
     /// `None` for bodies that are empty from the start (most GETs): nothing to count.
     stats: Option<Arc<BodyStats>>,
 }
@@ -30,7 +31,12 @@ pub struct RequestBody {
 impl RequestBody {
     pub fn new(inner: Incoming) -> (Self, Option<Arc<BodyStats>>) {
         let stats = (!inner.is_end_stream()).then(Arc::default);
-        (RequestBody { inner, stats: stats.clone() }, stats)
+        (RequestBody { inner: Some(inner), stats: stats.clone() }, stats)
+    }
+
+    /// A body with no bytes.
+    pub fn empty() -> Self {
+        RequestBody { inner: None, stats: None }
     }
 }
 
@@ -43,14 +49,15 @@ impl Body for RequestBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         let this = &mut *self;
-        let res = ready!(Pin::new(&mut this.inner).poll_frame(cx));
+        let Some(inner) = &mut this.inner else { return Poll::Ready(None) };
+        let res = ready!(Pin::new(&mut *inner).poll_frame(cx));
         if let Some(stats) = &this.stats {
             match &res {
                 Some(Ok(frame)) => {
                     if let Some(data) = frame.data_ref() {
                         stats.bytes.fetch_add(data.len() as u64, Ordering::Relaxed);
                     }
-                    if this.inner.is_end_stream() {
+                    if inner.is_end_stream() {
                         stats.done.store(true, Ordering::Relaxed);
                     }
                 }
@@ -62,11 +69,11 @@ impl Body for RequestBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        self.inner.as_ref().is_none_or(Incoming::is_end_stream)
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
+        self.inner.as_ref().map_or_else(|| SizeHint::with_exact(0), Incoming::size_hint)
     }
 }
 
@@ -161,5 +168,81 @@ impl<E: OnEnd> Drop for ResponseBody<E> {
     fn drop(&mut self) {
         // The client went away, or hyper dropped the body after an error.
         self.finish(false);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use http_body_util::BodyExt;
+
+    use super::*;
+
+    /// Records each `on_end` call.
+    struct Record(Arc<Mutex<Vec<(u64, bool)>>>);
+
+    impl OnEnd for Record {
+        fn on_end(self, bytes_out: u64, complete: bool) {
+            self.0.lock().unwrap().push((bytes_out, complete));
+        }
+    }
+
+    #[tokio::test]
+    async fn a_body_sent_whole_ends_once_complete_with_its_bytes() {
+        let calls = Arc::new(Mutex::new(Vec::new()));
+        let body = ResponseBody::full(Bytes::from_static(b"hello"), Some(Record(calls.clone())));
+        let got = body.collect().await.unwrap().to_bytes();
+        assert_eq!(&got[..], b"hello");
+        assert_eq!(*calls.lock().unwrap(), [(5, true)]);
+    }
+
+    #[test]
+    fn an_empty_body_ends_at_once_and_a_dropped_one_is_incomplete() {
+        let calls = Arc::new(Mutex::new(Vec::new()));
+        drop(ResponseBody::full(Bytes::new(), Some(Record(calls.clone()))));
+        drop(ResponseBody::full(Bytes::from_static(b"x"), Some(Record(calls.clone()))));
+        assert_eq!(*calls.lock().unwrap(), [(0, true), (0, false)]);
+    }
+
+    #[tokio::test]
+    async fn a_request_body_is_counted_as_it_streams() {
+        // An `Incoming` only comes from hyper: one real request over loopback.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        tokio::spawn(async move {
+            let (stream, _) = listener.accept().await.unwrap();
+            let tx = Mutex::new(Some(tx));
+            let svc = hyper::service::service_fn(move |req: http::Request<Incoming>| {
+                let tx = tx.lock().unwrap().take();
+                async move {
+                    let (body, stats) = RequestBody::new(req.into_body());
+                    let got = body.collect().await.unwrap().to_bytes();
+                    let stats = stats.unwrap();
+                    let _ = tx.unwrap().send((
+                        got.len(),
+                        stats.bytes.load(Ordering::Relaxed),
+                        stats.done.load(Ordering::Relaxed),
+                    ));
+                    Ok::<_, std::convert::Infallible>(http::Response::new(
+                        http_body_util::Empty::<Bytes>::new(),
+                    ))
+                }
+            });
+            let io = hyper_util::rt::TokioIo::new(stream);
+            let _ = hyper::server::conn::http1::Builder::new().serve_connection(io, svc).await;
+        });
+        let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let (mut send, conn) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await.unwrap();
+        tokio::spawn(conn);
+        let req = http::Request::post("/")
+            .header("host", "t")
+            .body(http_body_util::Full::new(Bytes::from(vec![7u8; 3000])))
+            .unwrap();
+        send.send_request(req).await.unwrap();
+        assert_eq!(rx.await.unwrap(), (3000, 3000, true));
+        assert!(RequestBody::empty().is_end_stream());
     }
 }

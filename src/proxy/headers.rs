@@ -121,9 +121,16 @@ pub fn sanitize_request(headers: &mut HeaderMap, upgrade: bool) {
 }
 
 /// True for an HTTP/1.1 request asking to switch protocols (WebSocket): `Connection`
-/// lists `upgrade` and an `Upgrade` header names the protocol.
+/// lists `upgrade` and an `Upgrade` header names the protocol. `Upgrade: h2c` is not one:
+/// RFC 9113 §3.1 retired it and hyper does not serve it, so the request is answered in
+/// HTTP/1.1 and the pair (with `HTTP2-Settings`) is removed as hop-by-hop, never sent on.
 pub fn wants_upgrade(headers: &HeaderMap) -> bool {
+    let h2c = headers
+        .get_all(header::UPGRADE)
+        .iter()
+        .any(|v| v.to_str().is_ok_and(|v| v.split(',').any(|p| p.trim().eq_ignore_ascii_case("h2c"))));
     headers.contains_key(header::UPGRADE)
+        && !h2c
         && headers
             .get_all(header::CONNECTION)
             .iter()
@@ -296,6 +303,18 @@ mod tests {
         strip_hop_by_hop(&mut h, true);
         assert_eq!(h.get("upgrade").unwrap(), "websocket");
         assert_eq!(h.get("connection").unwrap(), "Upgrade");
+    }
+
+    #[test]
+    fn h2c_upgrade_is_not_an_upgrade_and_goes_no_further() {
+        let mut h = map(&[
+            ("connection", "Upgrade, HTTP2-Settings"),
+            ("upgrade", "h2c"),
+            ("http2-settings", "AAMAAABkAAQAAP__"),
+        ]);
+        assert!(!wants_upgrade(&h));
+        sanitize_request(&mut h, false);
+        assert!(h.is_empty(), "{h:?}");
     }
 
     #[test]

@@ -277,28 +277,28 @@ impl Endpoint {
             if let Some(c) = self.take_idle().await {
                 return Ok((c, true));
             }
-            if let Some(slot) = self.reserve_slot() {
-                if let Some(dialing) = self.reserve_dial() {
-                    return self.dial_h1(slot, dialing, connect_timeout).await.map(|c| (c, false));
-                }
-                drop(slot);
+            if let Some((slot, dialing)) = self.reserve() {
+                return self.dial_h1(slot, dialing, connect_timeout).await.map(|c| (c, false));
             }
             returned.await;
         }
     }
 
-    fn reserve_slot(self: &Arc<Self>) -> Option<Slot> {
-        let taken = self
-            .open
-            .fetch_update(Ordering::AcqRel, Ordering::Relaxed, |n| (n < MAX_CONNECTIONS).then_some(n + 1));
-        taken.is_ok().then(|| Slot(self.clone()))
-    }
-
-    fn reserve_dial(&self) -> Option<Dialing<'_>> {
-        let taken = self
-            .dialing
-            .fetch_update(Ordering::AcqRel, Ordering::Relaxed, |n| (n < MAX_DIALS).then_some(n + 1));
-        taken.is_ok().then_some(Dialing(self))
+    /// Room for one more connection and one more dial, or nothing. A failed reservation
+    /// is rolled back without waking anyone: a wake-up here would wake the caller itself,
+    /// which would then spin without ever yielding.
+    fn reserve(self: &Arc<Self>) -> Option<(Slot, Dialing<'_>)> {
+        let take = |n: &AtomicUsize, max: usize| {
+            n.fetch_update(Ordering::AcqRel, Ordering::Relaxed, |v| (v < max).then_some(v + 1)).is_ok()
+        };
+        if !take(&self.dialing, MAX_DIALS) {
+            return None;
+        }
+        if !take(&self.open, MAX_CONNECTIONS) {
+            self.dialing.fetch_sub(1, Ordering::AcqRel);
+            return None;
+        }
+        Some((Slot(self.clone()), Dialing(self)))
     }
 
     async fn dial_h1(
@@ -415,3 +415,6 @@ impl Checkout {
         }
     }
 }
+
+#[cfg(test)]
+mod tests;
