@@ -14,6 +14,12 @@ use sidecar::demo;
 use sidecar::telemetry::logging;
 use sidecar::tls::certs;
 
+/// jemalloc instead of glibc's malloc: after 500 slow readers left, glibc kept 42 MiB of
+/// freed buffers (its per-thread arenas return little to the system), and mimalloc 56 MiB;
+/// jemalloc's background thread purges freed pages within seconds (issue 9, bug 9).
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 #[derive(Parser)]
 #[command(
     name = "sidecar",
@@ -87,6 +93,11 @@ enum CertsCommand {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     raise_fd_limit();
+    // Purge freed pages on jemalloc's own thread, on a timer, rather than only when some
+    // later allocation happens to trigger it: an idle sidecar gives memory back too.
+    if let Err(e) = tikv_jemalloc_ctl::background_thread::write(true) {
+        eprintln!("sidecar: jemalloc background purging unavailable: {e}");
+    }
     let result = match cli.command {
         Command::Run { config } => run(config),
         Command::Check { config } => return check(config),

@@ -7,6 +7,7 @@
 
 pub mod certs;
 pub mod identity;
+mod key;
 pub mod server;
 
 pub use identity::PeerIdentity;

@@ -17,12 +17,11 @@ use arc_swap::ArcSwap;
 use prometheus_client::metrics::gauge::Gauge;
 use rustls::server::{ProducesTickets, ServerSessionMemoryCache, StoresServerSessions, WebPkiClientVerifier};
 use rustls::{RootCertStore, ServerConfig};
+use rustls_pki_types::CertificateDer;
 use rustls_pki_types::pem::PemObject;
-use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use tokio::sync::oneshot;
 use tokio_rustls::TlsAcceptor;
 use x509_parser::prelude::{FromDer, X509Certificate};
-use zeroize::Zeroizing;
 
 use crate::config::InboundTls;
 use crate::files::FileWatcher;
@@ -219,10 +218,7 @@ fn build(
 ) -> Result<(ServerConfig, i64), TlsError> {
     let chain = certs(&files.cert)?;
     let not_after = check_validity(&files.cert, &chain[0])?;
-    // Zeroed when dropped: the key lives on in rustls only.
-    let key_pem = Zeroizing::new(read(&files.key)?);
-    let key = PrivateKeyDer::from_pem_slice(&key_pem)
-        .map_err(|e| TlsError::BadKey { path: files.key.clone(), reason: e.to_string() })?;
+    let key = super::key::load(&files.key)?;
     let provider = Arc::new(provider());
     let builder = ServerConfig::builder_with_provider(provider.clone())
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
@@ -240,12 +236,14 @@ fn build(
             builder.with_client_cert_verifier(verifier)
         }
     };
-    let mut config = builder.with_single_cert(chain, key).map_err(|e| match e {
+    let certified = rustls::sign::CertifiedKey::new(chain, key);
+    certified.keys_match().map_err(|e| match e {
         rustls::Error::InconsistentKeys(_) => {
             TlsError::Mismatch { key: files.key.clone(), cert: files.cert.clone() }
         }
         other => TlsError::Rustls(other),
     })?;
+    let mut config = builder.with_cert_resolver(Arc::new(rustls::sign::SingleCertAndKey::from(certified)));
     config.alpn_protocols = alpn.to_vec();
     // Our order, not the client's: scanners (testssl.sh, SSL Labs) expect the server to pick
     // the strongest suite both sides have (issue 9, bug 8).
