@@ -21,7 +21,7 @@ pub fn load(path: &Path) -> Result<Arc<dyn SigningKey>, TlsError> {
     let bad = |reason: &str| TlsError::BadKey { path: path.to_owned(), reason: reason.to_owned() };
     let pem =
         Zeroizing::new(std::fs::read(path).map_err(|error| TlsError::Read { path: path.to_owned(), error })?);
-    let (label, b64) = section(&pem).ok_or_else(|| bad("no private-key section (BEGIN ... PRIVATE KEY)"))?;
+    let (label, b64) = section(&pem).ok_or_else(|| bad("no private-key section"))?;
     let mut der = Zeroizing::new(vec![0u8; b64.len() / 4 * 3 + 3]);
     let len = base64::engine::general_purpose::STANDARD
         .decode_slice(&b64[..], &mut der[..])

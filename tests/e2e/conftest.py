@@ -10,11 +10,10 @@ import itertools
 import resource
 import subprocess
 import sys
-from dataclasses import dataclass
 
 import pytest
 
-from helpers import SIDECAR_BIN, APPS, HttpApp, AppProcess, Sidecar, make_config, write_config
+from helpers import SIDECAR_BIN, APPS, HttpApp, AppProcess, Sidecar, Web, make_config, write_config
 
 # The slowloris and max_connections tests hold 1,000+ sockets open; the sidecar, started from
 # this process, inherits the raised limit too.
@@ -130,19 +129,6 @@ def grpc_app(grpc_stubs, log_dir):
     a = AppProcess("grpc_app.py", "--stubs", grpc_stubs[0], log_dir=log_dir)
     yield a
     a.stop()
-
-
-@dataclass
-class Web:
-    app: HttpApp
-    sc: Sidecar
-
-    @property
-    def port(self):
-        return self.sc.port("web")
-
-    def url(self, path="/"):
-        return f"http://127.0.0.1:{self.port}{path}"
 
 
 @pytest.fixture

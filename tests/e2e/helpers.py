@@ -312,7 +312,7 @@ def status_or_close(port, data: bytes, timeout=5.0):
 # HTTP/2 clients
 # --------------------------------------------------------------------------------------------
 class _FrameReader:
-    """Socket reads cut into whole HTTP/2 frames, for the two test clients below. Expects
+    """Socket reads cut into whole HTTP/2 frames, for every HTTP/2 test client. Expects
     `self.sock`, `self.closed` (False, or why the connection ended) and `self._inbuf`."""
 
     def _read_frames(self, timeout, size):
@@ -458,6 +458,10 @@ class RawH2(_FrameReader):
         self.goaways = []  # (last_stream_id, error_code)
         self.closed = False
         self.streams: dict[int, dict] = {}
+        # ACK the server's SETTINGS and PINGs (what a real client does). A test that writes
+        # the socket from another thread turns this off, so two writers never interleave.
+        self.answer = True
+        self.settings_seen = False  # the server's first SETTINGS arrived
         self.sock.sendall(H2_PREFACE + h2_frame(4, 0, 0))
 
     def request(self, stream_id, path, method="GET"):
@@ -475,9 +479,12 @@ class RawH2(_FrameReader):
             st = self.streams.get(sid)
             try:
                 if ftype == 4 and not flags & 0x1:  # SETTINGS
-                    self.sock.sendall(h2_frame(4, 0x1, 0))
+                    self.settings_seen = True
+                    if self.answer:
+                        self.sock.sendall(h2_frame(4, 0x1, 0))
                 elif ftype == 6 and not flags & 0x1:  # PING
-                    self.sock.sendall(h2_frame(6, 0x1, 0, payload))
+                    if self.answer:
+                        self.sock.sendall(h2_frame(6, 0x1, 0, payload))
                 elif ftype == 7:  # GOAWAY
                     self.goaways.append((int.from_bytes(payload[:4], "big") & 0x7FFFFFFF, int.from_bytes(payload[4:8], "big")))
                 elif ftype == 1 and st is not None:  # HEADERS (hyper sends neither padding nor priority)
@@ -692,6 +699,21 @@ def write_config(path: Path, cfg) -> Path:
     return path
 
 
+def reload_config(sc: "Sidecar", cfg: dict, timeout=10.0):
+    """Replaces the running sidecar's config file (write + rename, as editors and Kubernetes
+    ConfigMap volumes do) and waits until the reload is counted as a success."""
+    before = sc.metrics().value("sidecar_config_reloads_total", result="success")
+    tmp = sc.config_path.with_name(sc.config_path.name + ".tmp")
+    write_config(tmp, cfg)
+    os.replace(tmp, sc.config_path)
+    wait_until(
+        lambda: sc.metrics().value("sidecar_config_reloads_total", result="success") > before,
+        timeout,
+        what='sidecar_config_reloads_total{result="success"} to increase after rewriting the config',
+    )
+    sc.cfg = cfg
+
+
 class Sidecar:
     """The real sidecar binary as a child process (`sidecar run -c FILE`), its logs in files."""
 
@@ -764,6 +786,14 @@ class Sidecar:
     def ready_status(self) -> int:
         return self.admin("/ready", timeout=2).status
 
+    def rejected(self, listener="web") -> dict:
+        """sidecar_inbound_rejected_total{listener} by reason: {reason: value}."""
+        return {
+            lab.get("reason"): v
+            for lab, v in self.metrics().series("sidecar_inbound_rejected_total")
+            if lab.get("listener") == listener
+        }
+
     # --- logs --------------------------------------------------------------------------
     def stdout_text(self) -> str:
         if not self._out.closed:
@@ -814,6 +844,21 @@ class Sidecar:
         self._out.close()
         self._err.close()
         return rc
+
+
+@dataclass
+class Web:
+    """An app behind a sidecar whose HTTP listener is called `web`."""
+
+    app: HttpApp
+    sc: Sidecar
+
+    @property
+    def port(self):
+        return self.sc.port("web")
+
+    def url(self, path="/"):
+        return f"http://127.0.0.1:{self.port}{path}"
 
 
 def run_sidecar_cmd(*args, timeout=20.0, env=None) -> subprocess.CompletedProcess:

@@ -1,13 +1,14 @@
 """The admin server: /live, /ready gated on the app's health (3 failures in a row), /metrics,
 /config, /log-level, and its default 127.0.0.1:15000 bind."""
 
+import re
 import time
 
 import pytest
 import yaml
 from prometheus_client.openmetrics.parser import text_string_to_metric_families as parse_openmetrics
 
-from helpers import Metrics, RawConn, http_request, make_config, port_is_free, status_or_close, wait_until
+from helpers import AppProcess, Metrics, RawConn, free_port, http_request, make_config, port_is_free, status_or_close, wait_until
 
 
 def _ready_metric(sc):
@@ -64,6 +65,33 @@ def test_ready_without_health_path_is_a_tcp_connect(http_app_factory, start_side
     app.stop()
     wait_until(lambda: sc.ready_status() == 503, 6, what="/ready 503 once the app stopped listening")
     assert sc.admin("/live").status == 200
+
+
+def _not_ready_names(sc):
+    """(status, names) from /ready: `not ready: NAMES` lists what is not ready by name."""
+    r = sc.admin("/ready", timeout=2)
+    body = r.body.decode().strip()
+    if r.status == 200:
+        return r.status, body
+    m = re.fullmatch(r"not ready: (.+)", body)
+    assert m, f"/ready answered {r.status} with {body!r}, not `not ready: NAMES`"
+    return r.status, sorted(n for n in re.split(r"[,\s]+", m.group(1)) if n)
+
+
+def test_ready_names_what_is_not_ready(log_dir, start_sidecar):
+    """Issue 9: readiness is a set of named tasks; /ready names the ones not ready yet. With
+    the app not started, the only one is `app`; once it listens, 200 `ready`."""
+    port = free_port()
+    sc = start_sidecar(make_config(port, health_path=None, interval="200ms"), wait="live")
+    try:
+        wait_until(lambda: _not_ready_names(sc) == (503, ["app"]), 5, what="/ready 503 `not ready: app` while the app is down")
+    finally:
+        print("/ready:", sc.admin("/ready").status, sc.admin("/ready").body)
+    app = AppProcess("http_app.py", "--port", port, log_dir=log_dir)
+    try:
+        wait_until(lambda: _not_ready_names(sc) == (200, "ready"), 5, what="/ready 200 `ready` once the app listens")
+    finally:
+        app.stop()
 
 
 def test_metrics_parse_and_name_the_contract_families(web):

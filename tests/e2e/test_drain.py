@@ -2,6 +2,7 @@
 in-flight requests and streams completed, `Connection: close` for HTTP/1, GOAWAY for HTTP/2,
 exit 0; bounded by drain_timeout; a second signal exits at once."""
 
+import re
 import signal
 import socket
 import threading
@@ -57,6 +58,10 @@ def test_signal_drains_in_flight_request_and_exits_0(http_app, start_sidecar, si
     sc.signal(sig)
     t0 = time.monotonic()
     wait_until(lambda: sc.ready_status() == 503, 0.5, interval=0.02, what="/ready 503 right after the signal")
+    body = sc.admin("/ready").body.decode().strip()
+    assert body.startswith("not ready: ") and "draining" in re.split(r"[,\s]+", body[len("not ready: "):]), (
+        f"/ready during a drain should name `draining`: {body!r}"
+    )
     wait_until(lambda: _new_connection_refused(port), 2, what="new connections to be refused during drain")
     assert sc.alive(), "the sidecar exited before its in-flight request finished"
     t.join(10)
@@ -147,8 +152,10 @@ def test_second_signal_exits_at_once(http_app, start_sidecar):
     assert sc.alive(), "exited on the first signal despite a request in flight"
     t0 = time.monotonic()
     sc.signal(signal.SIGTERM)
-    sc.wait_exit(5)
-    assert time.monotonic() - t0 < 1.5
+    rc = sc.wait_exit(5)
+    took = time.monotonic() - t0
+    assert took < 1.5, f"the second signal took {took:.2f}s to end the process"
+    assert rc == 1, f"exit status {rc} after a second signal cut the drain short (INTERFACE: 1)"
 
 
 def test_post_shutdown_drains_and_exits_0(http_app, start_sidecar):

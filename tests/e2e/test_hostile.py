@@ -4,10 +4,8 @@ and other clients served. Raw sockets for HTTP/1, h2 and hand-built frames for H
 
 import select
 import socket
-import struct
 import threading
 import time
-from dataclasses import dataclass
 
 import hpack
 import pytest
@@ -16,49 +14,46 @@ from h2.exceptions import H2Error
 
 from helpers import (
     H2Client,
-    HttpApp,
     RawConn,
+    RawH2,
     RssSampler,
-    Sidecar,
+    Web,
     curl,
+    h2_frame,
     make_config,
     status_or_close,
     wait_until,
 )
 
 
-@dataclass
-class Target:
-    app: HttpApp
-    sc: Sidecar
-
-    @property
-    def port(self):
-        return self.sc.port("web")
-
-
 @pytest.fixture
 def target(http_app, start_sidecar):
     cfg = make_config(http_app.port, limits={"max_header_bytes": "16KiB", "header_read_timeout": "2s", "max_connections": 2000})
-    return Target(http_app, start_sidecar(cfg))
+    return Web(http_app, start_sidecar(cfg))
 
 
-def _rejected(sc) -> float:
-    return sc.metrics().value("sidecar_inbound_rejected_total", listener="web")
+def _assert_rejection_counted(sc, before: dict, reason: str, n=1, at_least=None):
+    """sidecar_inbound_rejected_total{listener="web"} grew by n under `reason` (at least
+    `at_least` and at most n, when given) and under no other reason. `before` is
+    sc.rejected() read before the refused input was sent."""
+    lo = n if at_least is None else at_least
 
+    def delta():
+        now = sc.rejected()
+        return {r: now[r] - before.get(r, 0) for r in now if now[r] != before.get(r, 0)}
 
-def _reasons(sc) -> dict:
-    return {lab.get("reason"): v for lab, v in sc.metrics().series("sidecar_inbound_rejected_total")}
-
-
-def _assert_rejection_counted(sc, before, at_least=1):
     try:
-        wait_until(lambda: _rejected(sc) - before >= at_least, 3, what=f"sidecar_inbound_rejected_total{{listener=web}} to grow by {at_least}")
+        wait_until(lambda: delta().get(reason, 0) >= lo, 3,
+                   what=f'sidecar_inbound_rejected_total{{listener="web",reason="{reason}"}} to grow by {lo}')
+        time.sleep(0.1)  # anything counted late, or twice, shows up too
     finally:
-        print("rejected_total by reason:", _reasons(sc))
+        print("rejected_total by reason:", sc.rejected(), "growth:", delta())
+    d = delta()
+    assert lo <= d.get(reason, 0) <= n, f'reason="{reason}" grew by {d.get(reason, 0)}, expected {n if at_least is None else f"{lo}..{n}"}: {d}'
+    assert set(d) == {reason}, f"refusals counted under other reasons too: {d}"
 
 
-def _assert_still_serving(t: Target):
+def _assert_still_serving(t: Web):
     t.sc.assert_alive()
     r = curl("--max-time", "3", f"http://127.0.0.1:{t.port}/")
     assert r.status == 200, f"a normal client was not served afterwards: {r.status} {r.stderr}"
@@ -71,22 +66,22 @@ def test_headers_over_max_header_bytes_get_431(target):
         assert c.request("/", headers=[("X-Big", "a" * 10_000)]).status == 200, "a 10 KB header block is under the 16KiB limit"
     finally:
         c.close()
-    rej0 = _rejected(target.sc)
+    rej0 = target.sc.rejected()
     big = b"GET / HTTP/1.1\r\nHost: e2e.test\r\nX-Big: " + b"a" * 20_000 + b"\r\n\r\n"
     status, _, raw = status_or_close(target.port, big, timeout=3)
     assert status == 431, f"expected 431 for 20 KB of headers, got {raw[:200]!r}"
-    _assert_rejection_counted(target.sc, rej0)
+    _assert_rejection_counted(target.sc, rej0, "headers_too_large")
     _assert_still_serving(target)
 
 
 def test_too_many_headers_get_431(target):
-    rej0 = _rejected(target.sc)
+    rej0 = target.sc.rejected()
     started0 = target.app.count()["started"]
     hdrs = b"".join(b"X-H-%d: v\r\n" % i for i in range(500))  # ~6 KB: under the byte limit
     status, _, raw = status_or_close(target.port, b"GET / HTTP/1.1\r\nHost: e2e.test\r\n" + hdrs + b"\r\n", timeout=3)
     assert status == 431, f"expected 431 for 500 headers, got {raw[:200]!r}"
     assert target.app.count()["started"] == started0
-    _assert_rejection_counted(target.sc, rej0)
+    _assert_rejection_counted(target.sc, rej0, "headers_too_large")
     _assert_still_serving(target)
 
 
@@ -117,7 +112,7 @@ SMUGGLING = {
 @pytest.mark.parametrize("payload", SMUGGLING.values(), ids=SMUGGLING.keys())
 def test_ambiguous_framing_gets_400_closed_and_never_reaches_the_app(target, payload):
     before = target.app.count()
-    rej0 = _rejected(target.sc)
+    rej0 = target.sc.rejected()
     status, closed, raw = status_or_close(target.port, payload, timeout=3)
     assert status == 400, f"expected 400, got {raw[:300]!r}"
     assert raw.count(b"HTTP/1.1 ") == 1, f"more than one response came back: {raw[:500]!r}"
@@ -125,7 +120,7 @@ def test_ambiguous_framing_gets_400_closed_and_never_reaches_the_app(target, pay
     time.sleep(0.3)
     after = target.app.count()
     assert after["started"] == before["started"], f"the app received: {after['recent'][-5:]}"
-    _assert_rejection_counted(target.sc, rej0)
+    _assert_rejection_counted(target.sc, rej0, "smuggling")
     _assert_still_serving(target)
 
 
@@ -140,7 +135,7 @@ BAD_CHUNKS = {
 @pytest.mark.parametrize("payload", BAD_CHUNKS.values(), ids=BAD_CHUNKS.keys())
 def test_bad_chunk_size_is_refused_and_no_complete_request_reaches_the_app(target, payload):
     before = target.app.count()
-    rej0 = _rejected(target.sc)
+    rej0 = target.sc.rejected()
     status, closed, raw = status_or_close(target.port, payload, timeout=3)
     assert status in (400, None), f"expected 400 or a closed connection, got {raw[:300]!r}"
     assert closed, "the connection stayed open after a bad chunk size"
@@ -148,7 +143,7 @@ def test_bad_chunk_size_is_refused_and_no_complete_request_reaches_the_app(targe
     after = target.app.count()
     assert after["completed"] == before["completed"], f"the app completed a request from a bad chunked body: {after['recent'][-5:]}"
     print(f"bad chunk: status {status}, app saw {after['started'] - before['started']} request head(s)")
-    _assert_rejection_counted(target.sc, rej0)
+    _assert_rejection_counted(target.sc, rej0, "smuggling")
     _assert_still_serving(target)
 
 
@@ -157,7 +152,7 @@ def test_bad_chunk_size_is_refused_and_no_complete_request_reaches_the_app(targe
 @pytest.mark.timeout(90)
 def test_slowloris_is_cut_at_header_read_timeout_and_others_are_served(target):
     n = 1000
-    rej0 = _rejected(target.sc)
+    rej0 = target.sc.rejected()
     socks = []
     t_first = time.monotonic()
     for _ in range(n):
@@ -223,7 +218,7 @@ def test_slowloris_is_cut_at_header_read_timeout_and_others_are_served(target):
         t.join(2)
         for s in socks:
             s.close()
-    _assert_rejection_counted(target.sc, rej0, at_least=int(n * 0.9))
+    _assert_rejection_counted(target.sc, rej0, "header_timeout", n=n, at_least=int(n * 0.9))
     _assert_still_serving(target)
 
 
@@ -261,10 +256,6 @@ def test_http2_rapid_reset_gets_goaway_and_the_process_lives(target):
     assert curl("--http2-prior-knowledge", "--max-time", "3", f"http://127.0.0.1:{target.port}/").status == 200
 
 
-def _frame(ftype, flags, sid, payload=b""):
-    return struct.pack(">I", len(payload))[1:] + bytes([ftype, flags]) + struct.pack(">I", sid) + payload
-
-
 @pytest.mark.timeout(60)
 def test_http2_continuation_flood_gets_goaway_with_bounded_memory(target):
     enc = hpack.Encoder()
@@ -272,55 +263,42 @@ def test_http2_continuation_flood_gets_goaway_with_bounded_memory(target):
     # Never-indexed literals leave the HPACK table untouched, so the same bytes stay valid in
     # every CONTINUATION frame.
     flood = enc.encode([("x-flood", "a" * 30, True)] * 100)
-    s = socket.create_connection(("127.0.0.1", target.port), timeout=5)
-    got = {"goaway": None, "closed": False}
+    c = RawH2(target.port, timeout=5)
+    # The server's SETTINGS, ACKed from this thread; then only the flood writes the socket.
+    deadline = time.monotonic() + 5
+    while not c.settings_seen and time.monotonic() < deadline and c.pump(0.2):
+        pass
+    assert c.settings_seen, f"no SETTINGS from the sidecar (connection: {c.closed or 'open'})"
+    c.answer = False
+    stop = threading.Event()
 
     def reader():
-        buf = b""
-        s.settimeout(0.5)
         end = time.monotonic() + 40
-        while time.monotonic() < end:
-            try:
-                d = s.recv(65536)
-            except socket.timeout:
-                continue
-            except OSError:
-                got["closed"] = True
-                return
-            if not d:
-                got["closed"] = True
-                return
-            buf += d
-            while len(buf) >= 9:
-                length = int.from_bytes(buf[:3], "big")
-                if len(buf) < 9 + length:
-                    break
-                ftype, payload = buf[3], buf[9 : 9 + length]
-                buf = buf[9 + length :]
-                if ftype == 7 and got["goaway"] is None:
-                    got["goaway"] = int.from_bytes(payload[4:8], "big")  # error code
+        while not stop.is_set() and time.monotonic() < end and not c.goaways and c.pump(0.5):
+            pass
 
-    s.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + _frame(4, 0, 0))
     rt = threading.Thread(target=reader, daemon=True)
     rt.start()
     sent_frames = 0
     with RssSampler(target.sc.pid) as rss:
         try:
-            s.sendall(_frame(1, 0x1, 1, block))  # HEADERS, END_STREAM, no END_HEADERS
-            cont = _frame(9, 0, 1, flood) * 100
+            c.sock.sendall(h2_frame(1, 0x1, 1, block))  # HEADERS, END_STREAM, no END_HEADERS
+            cont = h2_frame(9, 0, 1, flood) * 100
             t0 = time.monotonic()
             while sent_frames < 10_000 and time.monotonic() - t0 < 20:
-                if got["goaway"] is not None or got["closed"]:
+                if c.goaways or c.closed:
                     break
-                s.sendall(cont)
+                c.sock.sendall(cont)
                 sent_frames += 100
         except OSError:
             pass  # closed by the sidecar mid-flood
         rt.join(8)
-    s.close()
+    stop.set()
+    c.close()
+    goaway = c.goaways[0][1] if c.goaways else None
     print(f"sent {sent_frames} CONTINUATION frames ({sent_frames * len(flood) / 1e6:.1f} MB of header block); "
-          f"GOAWAY error code: {got['goaway']}; closed: {got['closed']}; sidecar peak RSS {rss.peak_kib / 1024:.1f} MiB")
-    assert got["goaway"] is not None or got["closed"], "the sidecar neither sent GOAWAY nor closed during a CONTINUATION flood"
+          f"GOAWAY error code: {goaway}; closed: {c.closed}; sidecar peak RSS {rss.peak_kib / 1024:.1f} MiB")
+    assert c.goaways or c.closed, "the sidecar neither sent GOAWAY nor closed during a CONTINUATION flood"
     assert rss.peak_kib < 128 * 1024, f"sidecar RSS reached {rss.peak_kib / 1024:.1f} MiB during the flood"
     assert not any("continuation" in x for x in target.app.count()["recent"])
     _assert_still_serving(target)
@@ -336,7 +314,7 @@ def test_connections_over_max_connections_are_refused_and_counted(http_app, star
             c = RawConn(port, timeout=5)
             held.append(c)
             assert c.request(f"/?held={i}").status == 200
-        rej0 = _rejected(sc)
+        rej0 = sc.rejected()
         results = [None] * 10
 
         def extra(i):
@@ -352,7 +330,7 @@ def test_connections_over_max_connections_are_refused_and_counted(http_app, star
         for st, closed, raw in results:
             assert st != 200, "a connection over max_connections was served"
             assert closed or st == 503, f"an extra connection was neither refused nor closed within 3s (it hangs): {raw[:100]!r}"
-        _assert_rejection_counted(sc, rej0, at_least=10)
+        _assert_rejection_counted(sc, rej0, "max_connections", n=10)
         open_now = sc.metrics().value("sidecar_inbound_connections_open", listener="web")
         print("sidecar_inbound_connections_open{listener=web}:", open_now)
         assert open_now <= 20

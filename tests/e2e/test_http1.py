@@ -356,6 +356,67 @@ def test_app_down_gives_502_with_short_plain_body(start_sidecar):
     assert rec.get("error"), f"a failed request's access-log record needs `error`: {rec}"
 
 
+def _json_log_lines(text) -> list[dict]:
+    out = []
+    for line in text.splitlines():
+        line = line.strip()
+        if line.startswith("{"):
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(rec, dict):
+                out.append(rec)
+    return out
+
+
+def _spans(rec) -> list[dict]:
+    """The spans a tracing-subscriber JSON line carries: `spans` (root first) and `span`."""
+    spans = [s for s in rec.get("spans") or [] if isinstance(s, dict)]
+    if isinstance(rec.get("span"), dict) and rec["span"] not in spans:
+        spans.append(rec["span"])
+    return spans
+
+
+def _message(rec) -> str:
+    fields = rec.get("fields") if isinstance(rec.get("fields"), dict) else {}
+    return str(rec.get("message") or fields.get("message") or "")
+
+
+def test_log_lines_of_a_failed_request_carry_the_connection_and_request_spans(start_sidecar):
+    """Issue 9: tracing spans per connection (`conn`: listener, peer) and per request
+    (`request`: method, path), so every log line inside carries them without repeating the
+    fields by hand. JSON logs, debug level, the app down: the lines about the failed request."""
+    cfg = make_config(free_port(), health_path=None)  # nothing listens on the app port
+    cfg["telemetry"].update(log_format="json", log_level="debug")
+    sc = start_sidecar(cfg, wait="live")
+    r = curl(f"http://127.0.0.1:{sc.port('web')}/spans-probe")
+    assert r.status == 502
+
+    def lines_in_request():
+        return [
+            rec for rec in _json_log_lines(sc.stderr_text())
+            if any(s.get("name") == "request" and str(s.get("path", "")).startswith("/spans-probe") for s in _spans(rec))
+        ]
+
+    try:
+        recs = wait_until(lines_in_request, 5, what="JSON log lines inside the failed request's `request` span")
+    finally:
+        failed = [rec for rec in _json_log_lines(sc.stderr_text()) if "request" in _message(rec).lower()]
+        print("log lines about requests:", json.dumps(failed[-5:], indent=1))
+    about_failure = [rec for rec in recs if "fail" in _message(rec).lower() or "error" in rec or "error" in (rec.get("fields") or {})]
+    assert about_failure, f"no line inside the request span says the request failed: {recs}"
+    for rec in recs:
+        spans = _spans(rec)
+        conn = [s for s in spans if s.get("name") == "conn"]
+        req = [s for s in spans if s.get("name") == "request"]
+        assert conn, f"a line inside the request lacks the `conn` span: {rec}"
+        assert conn[0].get("listener") == "web", conn
+        assert "127.0.0.1" in str(conn[0].get("peer")), conn
+        assert req[0].get("method") == "GET", req
+        assert str(req[0].get("path")).startswith("/spans-probe"), req
+
+
 def test_app_slower_than_request_timeout_gives_504(http_app, start_sidecar):
     sc = start_sidecar(make_config(http_app.port, request_timeout="1s"))
     t0 = time.monotonic()

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import ssl
 import stat
@@ -28,7 +29,7 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from helpers import LOCALHOST, curl, free_port, make_config, run_sidecar_cmd, wait_until, write_config
+from helpers import LOCALHOST, curl, free_port, http_request, make_config, reload_config, run_sidecar_cmd, wait_until, write_config
 from tls_helpers import (
     DNS_ONLY_NAMES,
     FRONTEND_ID,
@@ -151,6 +152,27 @@ def test_s_client_weak_tls12_cipher_refused(tls_sc, pki):
     p = s_client(tls_sc.port("tls"), "-tls1_2", "-cipher", "ECDHE-ECDSA-AES128-SHA:ECDHE-RSA-AES128-SHA", "-CAfile", pki.ca)
     assert p.returncode != 0 and not handshake_ok(p), out_text(p)[-2000:]
     wait_hs(tls_sc, "tls", "incompatible", 1)
+
+
+@pytest.mark.parametrize(
+    "version,flag,offer,expected",
+    [
+        ("-tls1_3", "-ciphersuites", "TLS_AES_128_GCM_SHA256:TLS_AES_256_GCM_SHA384", "TLS_AES_256_GCM_SHA384"),
+        ("-tls1_2", "-cipher", "ECDHE-ECDSA-AES128-GCM-SHA256:ECDHE-ECDSA-AES256-GCM-SHA384", "ECDHE-ECDSA-AES256-GCM-SHA384"),
+    ],
+    ids=["tls1_3", "tls1_2"],
+)
+def test_server_cipher_order_wins_over_the_clients(tls_sc, pki, version, flag, offer, expected):
+    """Issue 9, bug 8: the client lists the weaker AES-128 suite first; the server picks from its
+    own order, strongest first (rustls `ignore_client_order`), as TLS scanners expect. The dev CA
+    issues ECDSA P-256 certificates, hence the ECDSA suites for TLS 1.2."""
+    p = s_client(tls_sc.port("tls"), version, flag, offer, "-CAfile", pki.ca)
+    t = out_text(p)
+    assert handshake_ok(p), t[-2000:]
+    proto = "TLSv1.3" if version == "-tls1_3" else "TLSv1.2"
+    got = re.search(rf"New, {proto}, Cipher is (\S+)", t)
+    assert got, t[-2000:]
+    assert got.group(1) == expected, f"offered {offer} (client order): negotiated {got.group(1)}, the server's preference is {expected}"
 
 
 @pytest.mark.parametrize("offer,expected", [("h2,http/1.1", "h2"), ("http/1.1", "http/1.1"), ("h2", "h2")])
@@ -512,6 +534,22 @@ def test_unfinished_client_hello_cut_at_handshake_timeout(tls_sc, pki):
 # --------------------------------------------------------------------------------------------
 # metrics, /config, logs
 # --------------------------------------------------------------------------------------------
+def test_tls_listener_counters_exist_at_zero_before_any_traffic(http_app, start_sidecar, pki):
+    """Issue 9, bug 6: the handshake and rejection counters of a listener are resolved once,
+    when the listener starts (not by hashing a label set on every event), so their series are
+    on /metrics at 0 before the first handshake or refusal."""
+    s = pki.server
+    sc = start_sidecar(make_config(http_app.port, extra_inbound=[tls_listener("tls", tls_block(s.crt, s.key))]))
+    m = sc.metrics()  # no client has connected to any listener yet
+    want = [
+        (HS, {"listener": "tls", "result": "success"}),
+        ("sidecar_inbound_rejected_total", {"listener": "tls", "reason": "max_connections"}),
+    ]
+    for name, labels in want:
+        found = [v for lab, v in m.series(name) if all(lab.get(k) == x for k, x in labels.items())]
+        assert found == [0], f"{name}{labels}: expected one series at 0 before any traffic, got {found}; series: {m.series(name)}"
+
+
 def test_cert_expiry_metric(tls_sc, pki):
     want = pki.server.cert().not_valid_after_utc.timestamp()
     m = tls_sc.metrics()
@@ -665,6 +703,92 @@ def test_client_ca_rotation(tmp_path, http_app, start_sidecar, pki):
     r = curl("--cacert", pki.ca, *cert_args(pki.frontend), u)
     assert r.status == 0 and r.returncode != 0, "a client of the old CA is still accepted"
     wait_hs(sc, "mtls", "unknown_ca", 2)
+
+
+def _alpn(port, pki) -> str:
+    p = s_client(port, "-alpn", "h2,http/1.1", "-CAfile", pki.ca)
+    t = out_text(p)
+    assert handshake_ok(p), t[-2000:]
+    if "No ALPN negotiated" in t:
+        return "none"
+    m = re.search(r"ALPN protocol: (\S+)", t)
+    assert m, t[-2000:]
+    return m.group(1)
+
+
+def test_reload_from_http_to_tcp_and_back_changes_alpn(http_app, start_sidecar, pki):
+    """Issue 9, bug 2: the same cert files, but `protocol: http` -> `tcp` -> `http`. What the
+    TLS config is built from includes the protocol (ALPN h2 + http/1.1, or none), so a reload
+    that keeps the files must still rebuild it."""
+    s = pki.server
+
+    def cfg(protocol, web_port=None, admin_port=None, tls_port=None):
+        return make_config(
+            http_app.port, web_port=web_port, admin_port=admin_port,
+            extra_inbound=[tls_listener("tls", tls_block(s.crt, s.key), protocol=protocol, port=tls_port)],
+        )
+
+    sc = start_sidecar(cfg("http"))
+    port = sc.port("tls")
+    ports = dict(web_port=sc.port("web"), admin_port=sc.admin_port, tls_port=port)
+    assert _alpn(port, pki) == "h2"
+    reload_config(sc, cfg("tcp", **ports))
+    assert _alpn(port, pki) == "none", "a listener switched to protocol: tcp still offers ALPN h2 after the reload"
+    reload_config(sc, cfg("http", **ports))
+    assert _alpn(port, pki) == "h2", "a listener switched back to protocol: http does not offer ALPN h2"
+    r = curl("--cacert", pki.ca, "--http2", url(sc, "tls", "/"))
+    assert r.status == 200 and r.info.get("http_version") == "2", (r.status, r.info.get("http_version"), r.stderr)
+
+
+@pytest.mark.timeout(40)
+def test_tls_file_watcher_does_not_block_the_data_plane(tmp_path, http_app, start_sidecar, pki):
+    """Issue 9, bug 3: one worker thread, and the TLS listener's cert path (a symlink) now
+    points at a FIFO, so any read of it blocks, like a hung network volume. File polling runs
+    off the data plane: the plain listener keeps answering, each request within 1 s."""
+    d = tmp_path / "watched"
+    d.mkdir()
+    link = d / "tls.crt"
+    os.symlink(pki.server.crt, link)
+    cfg = make_config(http_app.port, extra_inbound=[tls_listener("tls", tls_block(link, pki.server.key))])
+    cfg["runtime"] = {"worker_threads": 1}
+    sc = start_sidecar(cfg)
+    port = sc.port("web")
+    assert http_request(port, "/", timeout=2).status == 200
+    fifo = d / "stuck.fifo"
+    os.mkfifo(fifo)
+    flip_symlink(link, fifo.name)
+    slowest, n, failure = 0.0, 0, None
+    try:
+        end = time.monotonic() + 5  # the watcher polls about once a second
+        while time.monotonic() < end:
+            t0 = time.monotonic()
+            try:
+                r = http_request(port, f"/?n={n}", timeout=1)
+                if r.status != 200:
+                    failure = f"request {n} answered {r.status}"
+            except OSError as e:
+                failure = f"request {n} got no answer within 1 s ({e!r}) after the cert path became a FIFO"
+            if failure:
+                break
+            slowest = max(slowest, time.monotonic() - t0)
+            n += 1
+            time.sleep(0.1)
+    finally:
+        # Point the link back at the real file, then open the FIFO for writing and close it:
+        # a reader blocked in open() or read() gets EOF.
+        flip_symlink(link, str(pki.server.crt))
+        end = time.monotonic() + 1.5
+        while time.monotonic() < end:
+            try:
+                os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+            except OSError:
+                pass  # ENXIO: nobody is reading it
+            time.sleep(0.05)
+    print(f"{n} requests answered while the cert path was a FIFO; slowest {slowest * 1000:.0f} ms")
+    assert failure is None, failure
+    assert n >= 20, f"only {n} requests in 5 s"
+    assert curl("--cacert", pki.ca, url(sc, "tls", "/")).status == 200, "the TLS listener stopped serving"
+    sc.assert_alive()
 
 
 # --------------------------------------------------------------------------------------------
