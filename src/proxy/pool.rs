@@ -43,10 +43,12 @@ const MAX_DIALS: usize = 16;
 const IDLE_TIMEOUT: Duration = Duration::from_secs(50);
 /// How often idle connections are checked for age and for the peer having closed them.
 const REAP_INTERVAL: Duration = Duration::from_secs(10);
-/// Largest buffer hyper keeps per upstream HTTP/1 connection (its floor, 8 KiB). With the
-/// client side's, this bounds what one slow reader can make us hold: a slow-read attack
-/// cost 1.2 MiB per connection with hyper's 400 KiB default (issue 9, bug 9).
-const H1_MAX_BUF: usize = 8 * 1024;
+/// Largest buffer hyper keeps per upstream HTTP/1 connection. With the client side's, this
+/// bounds what one slow reader can make us hold: a slow-read attack cost 1.2 MiB per
+/// connection with hyper's 400 KiB default (issue 9, bug 9). Measured against 1 MiB bodies
+/// and 500 slow readers (ARCHITECTURE.md): 8 KiB halves large-body throughput, 32 KiB breaks
+/// the 64 MiB bound, 16 KiB keeps it at 0.71x nginx's large-body rate.
+const H1_MAX_BUF: usize = 16 * 1024;
 
 /// Which protocol to speak to an endpoint.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
