@@ -37,6 +37,7 @@ use crate::proxy::headers::{
     to_absolute_form, to_origin_form, wants_upgrade,
 };
 use crate::proxy::pool::{Checkout, Proto};
+use crate::proxy::{H2_CONNECTION_WINDOW, H2_MAX_SEND_BUF, H2_STREAM_WINDOW};
 use crate::telemetry::access_log::{AccessRecord, trace_id};
 use crate::tls::PeerIdentity;
 
@@ -46,13 +47,6 @@ type Body = ResponseBody<RequestEnd>;
 /// needs more (the whole head must fit). hyper's default of ~400 KiB let one slow reader
 /// hold over a megabyte with the app side's (issue 9, bug 9).
 const H1_MAX_BUF: usize = 16 * 1024;
-/// HTTP/2 flow control we grant clients: how much request body one stream (64 KiB, the
-/// RFC 9113 default) and the connection (256 KiB) may have in flight towards us; and how
-/// much response body we queue per stream before we stop reading from the app.
-const H2_STREAM_WINDOW: u32 = 64 * 1024;
-const H2_CONNECTION_WINDOW: u32 = 256 * 1024;
-const H2_MAX_SEND_BUF: usize = 64 * 1024;
-
 /// Streams one HTTP/2 client may open at once. 100 is the RFC 9113 recommended minimum
 /// and what most servers use; enough for gRPC fan-out, small enough to bound a client.
 const MAX_CONCURRENT_STREAMS: u32 = 100;

@@ -514,6 +514,23 @@ class RawH2(_FrameReader):
 # --------------------------------------------------------------------------------------------
 # metrics
 # --------------------------------------------------------------------------------------------
+def json_lines(text: str, key: str | None = None) -> list[dict]:
+    """The JSON objects in `text`, one a line (other lines skipped); with `key`, only those
+    that have that field."""
+    out = []
+    for line in text.splitlines():
+        line = line.strip()
+        if not line.startswith("{"):
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(rec, dict) and (key is None or key in rec):
+            out.append(rec)
+    return out
+
+
 class Metrics:
     def __init__(self, text: str):
         self.text = text
@@ -810,17 +827,7 @@ class Sidecar:
 
     def access_log(self) -> list[dict]:
         """Access-log records: the JSON objects on stdout that carry a `direction` field."""
-        out = []
-        for line in self.stdout_text().splitlines():
-            line = line.strip()
-            if line.startswith("{"):
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError:
-                    continue
-                if isinstance(rec, dict) and "direction" in rec:
-                    out.append(rec)
-        return out
+        return json_lines(self.stdout_text(), key="direction")
 
     # --- process -----------------------------------------------------------------------
     def alive(self) -> bool:

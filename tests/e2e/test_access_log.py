@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from helpers import http_request, make_config, wait_until
+from helpers import http_request, json_lines, make_config, wait_until
 
 DROPPED = "sidecar_access_log_dropped_total"
 
@@ -94,15 +94,7 @@ def _fill(path):
 
 
 def _records(path) -> list[dict]:
-    out = []
-    for line in path.read_text(errors="replace").splitlines():
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(rec, dict) and "direction" in rec:
-            out.append(rec)
-    return out
+    return json_lines(path.read_text(errors="replace"), key="direction")
 
 
 @pytest.mark.timeout(60)

@@ -11,6 +11,7 @@ import time
 import pytest
 
 from helpers import (
+    json_lines,
     RawConn,
     RssSampler,
     curl,
@@ -356,20 +357,6 @@ def test_app_down_gives_502_with_short_plain_body(start_sidecar):
     assert rec.get("error"), f"a failed request's access-log record needs `error`: {rec}"
 
 
-def _json_log_lines(text) -> list[dict]:
-    out = []
-    for line in text.splitlines():
-        line = line.strip()
-        if line.startswith("{"):
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if isinstance(rec, dict):
-                out.append(rec)
-    return out
-
-
 def _spans(rec) -> list[dict]:
     """The spans a tracing-subscriber JSON line carries: `spans` (root first) and `span`."""
     spans = [s for s in rec.get("spans") or [] if isinstance(s, dict)]
@@ -395,14 +382,14 @@ def test_log_lines_of_a_failed_request_carry_the_connection_and_request_spans(st
 
     def lines_in_request():
         return [
-            rec for rec in _json_log_lines(sc.stderr_text())
+            rec for rec in json_lines(sc.stderr_text())
             if any(s.get("name") == "request" and str(s.get("path", "")).startswith("/spans-probe") for s in _spans(rec))
         ]
 
     try:
         recs = wait_until(lines_in_request, 5, what="JSON log lines inside the failed request's `request` span")
     finally:
-        failed = [rec for rec in _json_log_lines(sc.stderr_text()) if "request" in _message(rec).lower()]
+        failed = [rec for rec in json_lines(sc.stderr_text()) if "request" in _message(rec).lower()]
         print("log lines about requests:", json.dumps(failed[-5:], indent=1))
     about_failure = [rec for rec in recs if "fail" in _message(rec).lower() or "error" in rec or "error" in (rec.get("fields") or {})]
     assert about_failure, f"no line inside the request span says the request failed: {recs}"

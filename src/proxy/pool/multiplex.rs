@@ -12,18 +12,11 @@ use tokio::net::TcpStream;
 
 use super::{Connector, PoolError};
 use crate::proxy::body::RequestBody;
+use crate::proxy::{H2_CONNECTION_WINDOW, H2_MAX_SEND_BUF, H2_STREAM_WINDOW};
 
 /// How long the probe waits for the peer's PONG. A local app answers in microseconds; an
 /// HTTP/1-only one fails at once; this bounds a silent one.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
-/// Flow-control windows we give the upstream: how much response body it may send before we
-/// pass some on. RFC 9113's 64 KiB per stream; 256 KiB per connection. hyper's defaults
-/// (2 MiB / 5 MiB) let one slow client make us hold megabytes (issue 9, bug 9).
-const STREAM_WINDOW: u32 = 64 * 1024;
-const CONNECTION_WINDOW: u32 = 256 * 1024;
-/// Request body bytes queued per stream before we stop reading the client.
-const MAX_SEND_BUF: usize = 64 * 1024;
-
 const UNKNOWN: u8 = 0;
 const YES: u8 = 1;
 const NO: u8 = 2;
@@ -67,9 +60,9 @@ impl Shared {
             // Notice a dead connection within ~40 s even when no request is in flight.
             .keep_alive_interval(Duration::from_secs(30))
             .keep_alive_timeout(Duration::from_secs(10))
-            .initial_stream_window_size(STREAM_WINDOW)
-            .initial_connection_window_size(CONNECTION_WINDOW)
-            .max_send_buf_size(MAX_SEND_BUF)
+            .initial_stream_window_size(H2_STREAM_WINDOW)
+            .initial_connection_window_size(H2_CONNECTION_WINDOW)
+            .max_send_buf_size(H2_MAX_SEND_BUF)
             .handshake(io)
             .await
             .map_err(|source| PoolError::Handshake { addr, source })?;
