@@ -1,0 +1,234 @@
+"""Load generators (wrk, h2load) and the workloads: what each runs, on CPU 1, and how one
+measured run is taken (CPU of the proxy, CPU of other work on the machine, a CPU quota).
+
+Not responsible for rounds or ordering (bench.py) nor for the report (report.py)."""
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import time
+
+from procs import LOAD_CPU, LUA, children_cpu, cpu_busy, cpu_seconds, cpu_split
+from targets import Env
+
+def run_cmd(cmd, timeout, preload=None):
+    env = dict(os.environ, LD_PRELOAD=preload) if preload else None
+    r = subprocess.run(["taskset", "-c", LOAD_CPU] + cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    if r.returncode != 0:
+        raise RuntimeError(f"{cmd[0]} failed ({r.returncode}): {r.stderr.strip()[-500:]} {r.stdout.strip()[-500:]}")
+    return r.stdout
+
+
+def wrk(url, conns, secs, headers=(), preload=None):
+    cmd = ["wrk", "-t1", f"-c{conns}", f"-d{secs}s", "--timeout", "5s", "-s", LUA]
+    for h in headers:
+        cmd += ["-H", h]
+    out = run_cmd(cmd + [url], timeout=secs + 30, preload=preload)
+    m = re.search(r"^BENCH (.*)$", out, re.M)
+    if not m:
+        raise RuntimeError(f"wrk output not understood:\n{out}")
+    v = {k: float(x) for k, x in (kv.split("=") for kv in m.group(1).split())}
+    errors = v["connect"] + v["read"] + v["write"] + v["status"] + v["timeout"]
+    return {
+        "requests": int(v["requests"]),
+        "rps": v["requests"] / (v["duration_us"] / 1e6),
+        "p50": v["p50"] / 1000, "p99": v["p99"] / 1000, "p999": v["p999"] / 1000,
+        "errors": int(errors),
+    }
+
+
+def pct(sorted_vals, q):
+    if not sorted_vals:
+        return float("nan")
+    i = min(len(sorted_vals) - 1, max(0, int(round(q / 100.0 * len(sorted_vals) + 0.5)) - 1))
+    return sorted_vals[i]
+
+
+def h2load(url, clients, streams, secs, extra=(), logfile=None):
+    cmd = ["h2load", "-t1", f"-c{clients}", f"-m{streams}", "-D", str(secs)] + list(extra)
+    if logfile:
+        cmd += ["--log-file", logfile]
+    out = run_cmd(cmd + [url], timeout=secs + 30)
+    m = re.search(r"finished in ([\d.]+)(ms|s|us)", out)
+    r = re.search(r"requests: (\d+) total, (\d+) started, (\d+) done, (\d+) succeeded, (\d+) failed, (\d+) errored, (\d+) timeout", out)
+    st = re.search(r"status codes: (\d+) 2xx", out)
+    if not (m and r):
+        raise RuntimeError(f"h2load output not understood:\n{out}")
+    secs_taken = float(m.group(1)) * {"s": 1, "ms": 1e-3, "us": 1e-6}[m.group(2)]
+    ok = min(int(st.group(1)), int(r.group(4))) if st else int(r.group(4))
+    res = {"requests": ok, "rps": ok / secs_taken,
+           "errors": int(r.group(5)) + int(r.group(6)) + int(r.group(7)) + max(0, int(r.group(4)) - ok)}
+    tls = re.search(r"TLS Protocol: (\S+)\s+Cipher: (\S+)\s+Server Temp Key: ([^\n]+)\s+Application protocol: (\S+)", out)
+    if tls:
+        res["tls"] = " ".join(tls.groups())
+    if logfile:
+        lat = []
+        with open(logfile) as f:
+            for line in f:
+                parts = line.split("\t")
+                if len(parts) >= 3 and parts[1] == "200":
+                    lat.append(int(parts[2]) / 1000.0)
+        os.unlink(logfile)
+        lat.sort()
+        res.update(p50=pct(lat, 50), p99=pct(lat, 99), p999=pct(lat, 99.9))
+    else:
+        tm = re.search(r"time for request:\s+(\S+)\s+(\S+)\s+(\S+)", out)
+        res.update(p50=float("nan"), p99=float("nan"), p999=float("nan"))
+        if tm:
+            res["mean"] = to_ms(tm.group(3))
+    return res
+
+
+def to_ms(s):
+    m = re.match(r"([\d.]+)(us|ms|s)", s)
+    return float(m.group(1)) * {"us": 1e-3, "ms": 1, "s": 1e3}[m.group(2)]
+
+
+# ---------------------------------------------------------------- workloads
+# name, title, kind, parameters. Durations (full, quick) in seconds.
+WORKLOADS = [
+    ("small", "Small GETs (12 B), 64 keep-alive connections, wrk -t1 -c64", "wrk",
+     dict(path="/", conns=64, secs=(8, 3))),
+    ("rate", "Fixed rate 2,000 req/s, 16 keep-alive connections (h2load --h1 --rps 125 -c16)", "rate",
+     dict(path="/", clients=16, rps_each=125, secs=(10, 4))),
+    ("1k", "1 KiB bodies, 64 keep-alive connections (wrk)", "wrk",
+     dict(path="/1k", conns=64, secs=(5, 2))),
+    ("1m", "1 MiB bodies, 16 keep-alive connections (wrk)", "wrk",
+     dict(path="/1m", conns=16, secs=(5, 2))),
+    ("close", "New connection per request, 64 connections (wrk -H 'Connection: close')", "wrk",
+     dict(path="/", conns=64, secs=(5, 2), headers=("Connection: close",))),
+    ("h2", "HTTP/2 cleartext (prior knowledge), 4 connections x 100 streams (h2load -c4 -m100)", "h2",
+     dict(path="/", clients=4, streams=100, secs=(5, 3))),
+    # TLS (issue 5): proxies only (the app has no TLS), same certificate (ECDSA P-256) in all
+    ("tls-hs", "TLS: new connection and full handshake per request, 64 connections "
+     "(wrk -c64 -H 'Connection: close' https, no resumption)", "wrk",
+     dict(path="/", conns=64, secs=(8, 3), headers=("Connection: close",), tls=True, full_handshakes=True)),
+    # The one-core handshake run is bound by the client (wrk spends ~3x a proxy's CPU per
+    # handshake): with each proxy held to a quarter of a core, the proxy is the limit, and the
+    # rate compares the proxies at the CPU a sidecar typically gets (`limits.cpu: 250m`).
+    ("tls-hs-250m", "TLS: full handshake per request as above, each proxy limited to a quarter core "
+     "(CFS quota 25 ms per 100 ms, like a pod's `limits.cpu: 250m`)", "wrk",
+     dict(path="/", conns=64, secs=(8, 3), headers=("Connection: close",), tls=True, full_handshakes=True,
+          quota=0.25)),
+    ("tls-ka", "TLS: small GETs (12 B), 64 keep-alive connections (wrk -c64 https)", "wrk",
+     dict(path="/", conns=64, secs=(8, 3), tls=True)),
+    ("tls-h2", "TLS: HTTP/2 (ALPN h2), 4 connections x 100 streams (h2load -c4 -m100 https)", "h2",
+     dict(path="/", clients=4, streams=100, secs=(5, 3), tls=True)),
+]
+TLS_WORKLOADS = [w[0] for w in WORKLOADS if w[3].get("tls")]
+QUICK_TLS = ["tls-ka"]  # what --quick adds to the cleartext workloads
+
+
+class CpuQuota:
+    """Holds a proxy's processes to `share` of one core with a CFS quota (a cgroup of their
+    own, cgroup v1 `cpu` or v2 `cpu.max`), like a Kubernetes CPU limit; moved back after."""
+
+    PERIOD_US = 100_000
+
+    def __init__(self, pids, share):
+        self.pids, self.share, self.dir, self.back = pids, share, None, None
+
+    @staticmethod
+    def available():
+        """Where quota cgroups can be made here, or None with the reason."""
+        v1 = "/sys/fs/cgroup/cpu"
+        if os.path.exists(os.path.join(v1, "cpu.cfs_quota_us")) and os.access(v1, os.W_OK):
+            return ("v1", v1), None
+        v2 = "/sys/fs/cgroup"
+        try:
+            with open(os.path.join(v2, "cgroup.subtree_control")) as f:
+                if "cpu" in f.read().split() and os.access(v2, os.W_OK):
+                    return ("v2", v2), None
+        except OSError:
+            pass
+        return None, "no writable cgroup cpu controller (needs root and cgroup v1 `cpu` or v2 with `cpu` enabled)"
+
+    def __enter__(self):
+        where, why = self.available()
+        if where is None:
+            raise RuntimeError(why)
+        kind, root = self.kind, self.root = where
+        self.dir = os.path.join(root, f"sidecar-bench-{os.getpid()}")
+        os.makedirs(self.dir, exist_ok=True)
+        quota = int(self.share * self.PERIOD_US)
+        if kind == "v1":
+            with open(os.path.join(self.dir, "cpu.cfs_period_us"), "w") as f:
+                f.write(str(self.PERIOD_US))
+            with open(os.path.join(self.dir, "cpu.cfs_quota_us"), "w") as f:
+                f.write(str(quota))
+        else:
+            with open(os.path.join(self.dir, "cpu.max"), "w") as f:
+                f.write(f"{quota} {self.PERIOD_US}")
+        for pid in self.pids:
+            with open(os.path.join(self.dir, "cgroup.procs"), "w") as f:
+                f.write(str(pid))
+        return self
+
+    def __exit__(self, *exc):
+        for pid in self.pids:  # back to the root group (no quota); gone processes are fine
+            try:
+                with open(os.path.join(self.root, "cgroup.procs"), "w") as f:
+                    f.write(str(pid))
+            except OSError:
+                pass
+        try:
+            os.rmdir(self.dir)
+        except OSError:
+            pass
+        return False
+
+
+def run_workload(env: Env, target: str, wl, quick: bool, tmp: str, warm: bool = True):
+    if wl[3].get("quota"):
+        with CpuQuota(env.pids(target), wl[3]["quota"]):
+            return measure_workload(env, target, wl, quick, tmp, warm)
+    return measure_workload(env, target, wl, quick, tmp, warm)
+
+
+def measure_workload(env: Env, target: str, wl, quick: bool, tmp: str, warm: bool = True):
+    name, _title, kind, p = wl
+    secs = p["secs"][1 if quick else 0]
+    if p.get("tls"):
+        port, h2port = env.tls_ports[target]
+        scheme = "https"
+    else:
+        port, h2port = env.ports[target]
+        scheme = "http"
+    url = f"{scheme}://127.0.0.1:{port}{p['path']}"
+    h2url = f"{scheme}://127.0.0.1:{h2port}{p['path']}"
+    # wrk and h2load resume TLS sessions on reconnect; the shim makes every handshake a full one
+    preload = env.tls["shim"] if p.get("full_handshakes") else None
+    # short warm-up of the same kind, not measured (connections, pools, caches, allocator)
+    if warm:
+        if kind == "wrk":
+            wrk(url, p["conns"], 1, p.get("headers", ()), preload)
+        elif kind == "rate":
+            h2load(url, p["clients"], 1, 1, extra=["--h1", f"--rps={p['rps_each']}"])
+        elif kind == "h2":
+            h2load(h2url, p["clients"], p["streams"], 1)
+    pids = env.pids(target)
+    ours = pids + env.pids("app")
+    u0, s0 = cpu_split(pids)
+    c0, b0, o0, l0, t0 = cpu_seconds(pids), cpu_busy(), cpu_seconds(ours), children_cpu(), time.monotonic()
+    if kind == "wrk":
+        r = wrk(url, p["conns"], secs, p.get("headers", ()), preload)
+    elif kind == "rate":
+        r = h2load(url, p["clients"], 1, secs, extra=["--h1", f"--rps={p['rps_each']}"],
+                   logfile=os.path.join(tmp, "h2load-rate.log"))
+    elif kind == "h2":
+        r = h2load(h2url, p["clients"], p["streams"], secs, logfile=os.path.join(tmp, "h2load-h2.log"))
+    else:
+        raise ValueError(kind)
+    u1, s1 = cpu_split(pids)
+    c1, b1, o1, l1, t1 = cpu_seconds(pids), cpu_busy(), cpu_seconds(ours), children_cpu(), time.monotonic()
+    r["cpu_s"] = c1 - c0
+    r["busy"] = (c1 - c0) / (t1 - t0) if pids else None  # share of its one core the proxy used
+    # CPU used meanwhile by processes that are not part of this measurement (builds, tests...),
+    # as a share of one core; a few % is kernel work on loopback (softirq) and this driver.
+    r["foreign"] = max(0.0, ((b1 - b0) - (o1 - o0) - (l1 - l0)) / (t1 - t0))
+    r["cpu_per_100k"] = (c1 - c0) / r["requests"] * 100000 if (pids and r["requests"]) else None
+    if r["cpu_per_100k"] is not None:
+        r["user_per_100k"] = (u1 - u0) / r["requests"] * 100000
+        r["sys_per_100k"] = (s1 - s0) / r["requests"] * 100000
+    return r

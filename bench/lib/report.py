@@ -1,0 +1,235 @@
+"""The Markdown report of a run: medians and spread of the rounds, ratios to nginx, the bars.
+
+Not responsible for measuring anything."""
+from __future__ import annotations
+
+import statistics
+
+from load import TLS_WORKLOADS, WORKLOADS
+from procs import LOAD_CPU, PROXY_CPU
+
+def med(xs):
+    xs = [x for x in xs if x is not None and x == x]
+    return statistics.median(xs) if xs else None
+
+
+def spread(xs):
+    xs = [x for x in xs if x is not None and x == x]
+    return (min(xs), max(xs)) if xs else (None, None)
+
+
+def fmt_rps(x):
+    return "—" if x is None else (f"{x/1000:.1f}k" if x >= 10000 else f"{x:.0f}")
+
+
+def fmt_ms(x, signed=False):
+    if x is None:
+        return "—"
+    return f"{x:+.2f}" if signed else f"{x:.2f}"
+
+
+def fmt_f(x, nd=2):
+    return "—" if x is None else f"{x:.{nd}f}"
+
+
+def cell(xs, f, rounds):
+    m = med(xs)
+    if m is None:
+        return "—"
+    if rounds <= 1:
+        return f(m)
+    lo, hi = spread(xs)
+    return f"{f(m)} ({f(lo)}–{f(hi)})"
+
+
+def ratio(a, b):
+    if a is None or b is None or b == 0:
+        return "—"
+    return f"{a/b:.2f}×"
+
+
+def build_report(data):
+    info, runs, mem = data["machine"], data["runs"], data["mem"]
+    targets, rounds, quick = data["targets"], data["rounds"], data["quick"]
+    L = []
+    L.append(f"# Sidecar benchmark — {'quick' if quick else 'full'} run, {info['date']}")
+    L.append("")
+    L.append(f"Machine: {info['nproc']} CPUs ({info['cpu']}), {info['mem_gib']} GiB, Linux {info['kernel']}. "
+             f"{info['sidecar']}; work tree HEAD {info['git_head']}. {info['nginx']}; {info['haproxy']}; "
+             f"{info['wrk']}; {info['h2load']}.")
+    L.append(f"Each proxy pinned to CPU {PROXY_CPU} with one worker; app (nginx) and load generator on CPU {LOAD_CPU}. "
+             f"Access logs off everywhere. {rounds} interleaved round(s); "
+             + ("cells are the median (min–max) of the rounds." if rounds > 1 else "single values (one round).")
+             + f" Load average before/after: {data['load_before']} / {data['load_after']}.")
+    L.append("")
+
+    def vals(t, w, k):
+        return [r[k] if r.get(k) is not None else None for r in runs.get(t, {}).get(w, [])]
+
+    def added(t, w, k):
+        a, d = runs.get(t, {}).get(w, []), runs.get("direct", {}).get(w, [])
+        return [x[k] - y[k] for x, y in zip(a, d) if x.get(k) == x.get(k) and y.get(k) == y.get(k)]
+
+    for wl in WORKLOADS:
+        w = wl[0]
+        if w in TLS_WORKLOADS or not any(runs.get(t, {}).get(w) for t in targets):
+            continue
+        L.append(f"## {wl[1]}")
+        L.append("")
+        L.append("| target | req/s | ×nginx | p50 ms | p99 ms | p99.9 ms | p50 added | p99 added | p99.9 added | CPU-s/100k req | ×nginx | errors |")
+        L.append("|---|---|---|---|---|---|---|---|---|---|---|---|")
+        for t in targets:
+            rs = runs.get(t, {}).get(w)
+            if not rs:
+                continue
+            nr = len(rs)
+            rps, cpu = vals(t, w, "rps"), vals(t, w, "cpu_per_100k")
+            row = [t if t != "direct" else "app direct",
+                   cell(rps, fmt_rps, nr),
+                   ratio(med(rps), med(vals("nginx", w, "rps"))) if t != "direct" else "—",
+                   cell(vals(t, w, "p50"), fmt_ms, nr), cell(vals(t, w, "p99"), fmt_ms, nr),
+                   cell(vals(t, w, "p999"), fmt_ms, nr)]
+            if t == "direct":
+                row += ["—", "—", "—"]
+            else:
+                row += [cell(added(t, w, k), lambda x: fmt_ms(x, True), nr) for k in ("p50", "p99", "p999")]
+            row += [cell(cpu, fmt_f, nr),
+                    ratio(med(cpu), med(vals("nginx", w, "cpu_per_100k"))) if t != "direct" else "—",
+                    str(sum(r["errors"] for r in rs))]
+            L.append("| " + " | ".join(row) + " |")
+        L.append("")
+
+    if runs.get("nginx", {}).get("small") or runs.get("sidecar", {}).get("small"):
+        L.append("## CPU split, small GETs at 64 connections (CPU-s per 100k requests)")
+        L.append("")
+        L.append("| proxy | user | system (kernel: TCP on loopback, syscalls) | total |")
+        L.append("|---|---|---|---|")
+        for t in targets:
+            rs = runs.get(t, {}).get("small")
+            if t == "direct" or not rs:
+                continue
+            L.append(f"| {t} | {cell(vals(t, 'small', 'user_per_100k'), fmt_f, len(rs))} | "
+                     f"{cell(vals(t, 'small', 'sys_per_100k'), fmt_f, len(rs))} | "
+                     f"{cell(vals(t, 'small', 'cpu_per_100k'), fmt_f, len(rs))} |")
+        L.append("")
+
+    L.append("## Memory (sum over the proxy's processes)")
+    L.append("")
+    L.append("| proxy | idle RSS MiB | ×nginx | peak RSS, 64-conn small GETs, MiB | ×nginx | peak RSS, all workloads, MiB | ×nginx |")
+    L.append("|---|---|---|---|---|---|---|")
+    for t in targets:
+        if t == "direct" or t not in mem:
+            continue
+        m = mem[t]
+        row = [t]
+        for k in ("idle", "peak_small", "peak_all"):
+            xs = [x / 1024 for x in m.get(k, [])]
+            ng = [x / 1024 for x in mem.get("nginx", {}).get(k, [])]
+            row += [cell(xs, lambda x: f"{x:.1f}", len(xs)), ratio(med(xs), med(ng))]
+        L.append("| " + " | ".join(row) + " |")
+    L.append("")
+
+    tls_report(L, data, vals)
+
+    # the issue-4 bars
+    if "sidecar" in targets and any(runs.get("sidecar", {}).get(w) for w in ("small", "rate")):
+        L.append("## Issue-4 bars (Sidecar)")
+        L.append("")
+        L.append("| bar | measured | met |")
+        L.append("|---|---|---|")
+
+        def bar(label, value, ok):
+            L.append(f"| {label} | {value} | {'yes' if ok else ('no' if ok is not None else '—')} |")
+
+        s_rps, n_rps, h_rps = (med(vals(t, "small", "rps")) for t in ("sidecar", "nginx", "haproxy"))
+        if s_rps and n_rps:
+            bar("throughput, 64 conns ≥ 1.10× nginx", f"{s_rps/n_rps:.2f}×", s_rps / n_rps >= 1.10)
+        if s_rps and h_rps:
+            bar("throughput, 64 conns ≥ 1.10× HAProxy", f"{s_rps/h_rps:.2f}×", s_rps / h_rps >= 1.10)
+        s_cpu, n_cpu = med(vals("sidecar", "small", "cpu_per_100k")), med(vals("nginx", "small", "cpu_per_100k"))
+        if s_cpu and n_cpu:
+            bar("CPU-s per 100k, 64 conns ≤ 0.85× nginx", f"{s_cpu:.2f} vs {n_cpu:.2f} = {s_cpu/n_cpu:.2f}×",
+                s_cpu / n_cpu <= 0.85)
+        s_add, n_add = med(added("sidecar", "rate", "p99")), med(added("nginx", "rate", "p99"))
+        if s_add is not None and n_add is not None:
+            bar("p99 added at 2,000 req/s ≤ nginx's", f"{s_add:+.3f} ms vs nginx {n_add:+.3f} ms", s_add <= n_add)
+        idle = med(mem.get("sidecar", {}).get("idle", []))
+        peak = med(mem.get("sidecar", {}).get("peak_small", []))
+        if idle is not None:
+            bar("idle RSS ≤ 8 MiB", f"{idle/1024:.1f} MiB", idle / 1024 <= 8)
+        if peak is not None:
+            bar("peak RSS under 64-conn load ≤ 24 MiB", f"{peak/1024:.1f} MiB", peak / 1024 <= 24)
+        bar("RSS flat over a 5-minute soak (≤ 10% growth after warm-up)", "see `bench/run --soak`", None)
+        L.append("")
+    errs = data.get("notes", [])
+    if errs:
+        L.append("Notes: " + "; ".join(errs))
+        L.append("")
+    return "\n".join(L)
+
+
+def tls_report(L, data, vals):
+    """The TLS tables (issue 5): proxies only, ratios to nginx, and the issue-5 bars."""
+    runs, targets = data["runs"], data["targets"]
+    done = [wl for wl in WORKLOADS if wl[0] in TLS_WORKLOADS and any(runs.get(t, {}).get(wl[0]) for t in targets)]
+    if not done:
+        return
+    L.append("## TLS (issue 5)")
+    L.append("")
+    L.append("Same certificate in every proxy: ECDSA P-256, made by `sidecar certs issue`. TLS 1.2 and 1.3 enabled "
+             "everywhere; nginx sends one TLS 1.3 session ticket per handshake like Sidecar "
+             "(`ssl_conf_command NumTickets 1`), HAProxy its default. The handshake workload runs wrk with "
+             "`LD_PRELOAD=lib/noresume.so` so that every connection is a full handshake (no PSK offered). "
+             "No direct row: the app has no TLS listener.")
+    L.append("")
+    if data.get("tls"):
+        L.append("Negotiated (`openssl s_client`, OpenSSL 3 client defaults as in wrk):")
+        L.append("")
+        L.append("| proxy | protocol | cipher | key exchange | server signature | certificate verify |")
+        L.append("|---|---|---|---|---|---|")
+        for t, v in data["tls"].items():
+            L.append(f"| {t} | {v['protocol']} | {v['cipher']} | {v['group']} | {v['sig']} | {v['verify']} |")
+        L.append("")
+    for wl in done:
+        w = wl[0]
+        unit = "handshakes/s (= req/s)" if w.startswith("tls-hs") else "req/s"
+        L.append(f"### {wl[1]}")
+        L.append("")
+        L.append(f"| proxy | {unit} | ×nginx | p50 ms | p99 ms | p99.9 ms | CPU-s/100k req | ×nginx | user | system "
+                 "| proxy core busy | errors |")
+        L.append("|---|---|---|---|---|---|---|---|---|---|---|---|")
+        for t in targets:
+            rs = runs.get(t, {}).get(w)
+            if t == "direct" or not rs:
+                continue
+            nr = len(rs)
+            rps, cpu = vals(t, w, "rps"), vals(t, w, "cpu_per_100k")
+            row = [t, cell(rps, fmt_rps, nr), ratio(med(rps), med(vals("nginx", w, "rps"))),
+                   cell(vals(t, w, "p50"), fmt_ms, nr), cell(vals(t, w, "p99"), fmt_ms, nr),
+                   cell(vals(t, w, "p999"), fmt_ms, nr), cell(cpu, fmt_f, nr),
+                   ratio(med(cpu), med(vals("nginx", w, "cpu_per_100k"))),
+                   cell(vals(t, w, "user_per_100k"), fmt_f, nr), cell(vals(t, w, "sys_per_100k"), fmt_f, nr),
+                   cell([x * 100 if x is not None else None for x in vals(t, w, "busy")],
+                        lambda x: f"{x:.0f}%", nr),
+                   str(sum(r["errors"] for r in rs))]
+            L.append("| " + " | ".join(row) + " |")
+        neg = {t: runs[t][w][0].get("tls") for t in targets if runs.get(t, {}).get(w) and runs[t][w][0].get("tls")}
+        if neg:
+            L.append("")
+            L.append("h2load negotiated: " + "; ".join(f"{t} `{v}`" for t, v in neg.items()) + ".")
+        L.append("")
+    if "sidecar" in targets and "nginx" in targets:
+        L.append("### Issue-5 bars (Sidecar against nginx)")
+        L.append("")
+        L.append("| bar | measured | met |")
+        L.append("|---|---|---|")
+        for w, label, need in (("tls-hs", "new TLS handshakes/s ≥ 1.0× nginx, one core each (client-bound)", 1.0),
+                               ("tls-hs-250m", "new TLS handshakes/s ≥ 1.0× nginx, a quarter core each", 1.0),
+                               ("tls-ka", "keep-alive TLS req/s ≥ 1.10× nginx", 1.10)):
+            s_r, n_r = med(vals("sidecar", w, "rps")), med(vals("nginx", w, "rps"))
+            s_c, n_c = med(vals("sidecar", w, "cpu_per_100k")), med(vals("nginx", w, "cpu_per_100k"))
+            if s_r and n_r:
+                cpu = f"; CPU-s/100k {s_c:.2f} vs {n_c:.2f} = {s_c/n_c:.2f}×" if s_c and n_c else ""
+                L.append(f"| {label} | {fmt_rps(s_r)} vs {fmt_rps(n_r)} = {s_r/n_r:.3f}×{cpu} | "
+                         f"{'yes' if s_r / n_r >= need else 'no'} |")
+        L.append("")
