@@ -8,7 +8,8 @@ import pytest
 import yaml
 from prometheus_client.openmetrics.parser import text_string_to_metric_families as parse_openmetrics
 
-from helpers import AppProcess, Metrics, RawConn, free_port, http_request, make_config, port_is_free, status_or_close, wait_until
+from helpers import AppProcess, Metrics, free_port, http_request, make_config, port_is_free, wait_until
+from raw_http1 import RawConn, status_or_close
 
 
 def _ready_metric(sc):

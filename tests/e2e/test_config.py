@@ -9,7 +9,8 @@ import time
 
 import yaml
 
-from helpers import RawConn, curl, free_port, http_request, make_config, run_sidecar_cmd, wait_until
+from helpers import curl, free_port, http_request, make_config, run_sidecar_cmd, wait_until
+from raw_http1 import RawConn
 
 BAD_CONFIG = """\
 admin:

@@ -10,7 +10,9 @@ import time
 
 import pytest
 
-from helpers import ConnectionClosed, RawConn, RawH2, http_request, make_config, wait_until
+from h2_clients import RawH2
+from helpers import http_request, make_config, wait_until
+from raw_http1 import ConnectionClosed, RawConn
 
 
 def _in_background(fn, *args, **kw):

@@ -12,18 +12,9 @@ import pytest
 from h2.errors import ErrorCodes
 from h2.exceptions import H2Error
 
-from helpers import (
-    H2Client,
-    RawConn,
-    RawH2,
-    RssSampler,
-    Web,
-    curl,
-    h2_frame,
-    make_config,
-    status_or_close,
-    wait_until,
-)
+from h2_clients import H2Client, RawH2, h2_frame
+from helpers import RssSampler, Web, curl, make_config, wait_until
+from raw_http1 import RawConn, status_or_close
 
 
 @pytest.fixture

@@ -12,7 +12,6 @@ import pytest
 
 from helpers import (
     json_lines,
-    RawConn,
     RssSampler,
     curl,
     free_port,
@@ -20,6 +19,7 @@ from helpers import (
     make_config,
     wait_until,
 )
+from raw_http1 import RawConn
 
 MiB = 1 << 20
 

@@ -9,7 +9,8 @@ import time
 
 import pytest
 
-from helpers import AppProcess, H2Client, curl, make_config, wait_until
+from h2_clients import H2Client
+from helpers import AppProcess, curl, make_config, wait_until
 
 MiB = 1 << 20
 

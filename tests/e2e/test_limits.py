@@ -4,7 +4,8 @@ holds keep their slots; lowering the limit applies to the connections already op
 
 import time
 
-from helpers import RawConn, make_config, reload_config, status_or_close, wait_until
+from helpers import make_config, reload_config, wait_until
+from raw_http1 import RawConn, status_or_close
 
 REJ = "sidecar_inbound_rejected_total"
 
