@@ -12,8 +12,8 @@ from helpers import LOCALHOST
 
 
 class _FrameReader:
-    """Socket reads cut into whole HTTP/2 frames, for every HTTP/2 test client. Expects
-    `self.sock`, `self.closed` (False, or why the connection ended) and `self._inbuf`."""
+    """Socket reads cut into whole HTTP/2 frames, and closing, for every HTTP/2 test client.
+    Expects `self.sock`, `self.closed` (False, or why the connection ended) and `self._inbuf`."""
 
     def _read_frames(self, timeout, size):
         """Reads once (up to timeout). None: the connection is closed (`self.closed` says why);
@@ -40,6 +40,12 @@ class _FrameReader:
             frames.append(self._inbuf[:n])
             self._inbuf = self._inbuf[n:]
         return frames
+
+    def close(self):
+        try:
+            self.sock.close()
+        except OSError:
+            pass
 
 
 class H2Client(_FrameReader):
@@ -130,12 +136,6 @@ class H2Client(_FrameReader):
                 break
         return {s: self.streams[s] for s in stream_ids}
 
-    def close(self):
-        try:
-            self.sock.close()
-        except OSError:
-            pass
-
 
 H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 
@@ -203,10 +203,3 @@ class RawH2(_FrameReader):
             except OSError:
                 pass
         return True
-
-    def close(self):
-        try:
-            self.sock.close()
-        except OSError:
-            pass
-

@@ -80,6 +80,25 @@ def wait_until(pred, timeout: float, interval: float = 0.05, what: str = "condit
         time.sleep(interval)
 
 
+def wait_closed(sock: socket.socket, timeout: float) -> tuple[bool, bytes, float]:
+    """Reads until the peer closes (EOF or reset; a TLS alert counts). Returns (closed, bytes
+    read, seconds)."""
+    t0 = time.monotonic()
+    got = b""
+    sock.settimeout(0.2)
+    while time.monotonic() - t0 < timeout:
+        try:
+            d = sock.recv(65536)
+        except socket.timeout:
+            continue
+        except OSError:  # reset, or ssl.SSLError (a subclass)
+            return True, got, time.monotonic() - t0
+        if not d:
+            return True, got, time.monotonic() - t0
+        got += d
+    return False, got, time.monotonic() - t0
+
+
 # --------------------------------------------------------------------------------------------
 # plain HTTP client (stdlib http.client)
 # --------------------------------------------------------------------------------------------

@@ -5,10 +5,9 @@ show: hostile requests, pipelining, keep-alive and close checks. Every read has 
 from __future__ import annotations
 
 import socket
-import time
 from dataclasses import dataclass
 
-from helpers import LOCALHOST
+from helpers import LOCALHOST, wait_closed
 
 
 @dataclass
@@ -112,18 +111,7 @@ class RawConn:
 
     def closed_within(self, timeout: float) -> bool:
         """True if the peer closes (EOF or reset) within timeout; data received is discarded."""
-        deadline = time.monotonic() + timeout
-        self.sock.settimeout(0.1)
-        while time.monotonic() < deadline:
-            try:
-                d = self.sock.recv(65536)
-                if not d:
-                    return True
-            except socket.timeout:
-                continue
-            except OSError:
-                return True
-        return False
+        return wait_closed(self.sock, timeout)[0]
 
     def close(self):
         try:
@@ -145,22 +133,7 @@ def status_or_close(port, data: bytes, timeout=5.0):
             c.send(data)
         except OSError:
             return None, True, b""
-        raw = b""
-        deadline = time.monotonic() + timeout
-        closed = False
-        c.sock.settimeout(0.2)
-        while time.monotonic() < deadline:
-            try:
-                d = c.sock.recv(65536)
-            except socket.timeout:
-                continue
-            except OSError:
-                closed = True
-                break
-            if not d:
-                closed = True
-                break
-            raw += d
+        closed, raw, _ = wait_closed(c.sock, timeout)
         status = None
         if raw.startswith(b"HTTP/"):
             try:
@@ -170,4 +143,3 @@ def status_or_close(port, data: bytes, timeout=5.0):
         return status, closed, raw
     finally:
         c.close()
-

@@ -29,7 +29,7 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from helpers import LOCALHOST, curl, free_port, http_request, make_config, reload_config, run_sidecar_cmd, wait_until, write_config
+from helpers import LOCALHOST, curl, free_port, http_request, make_config, reload_config, run_sidecar_cmd, wait_closed, wait_until, write_config
 from tls_helpers import (
     DNS_ONLY_NAMES,
     FRONTEND_ID,
@@ -53,7 +53,6 @@ from tls_helpers import (
     tls_block,
     tls_connect,
     tls_listener,
-    wait_closed,
 )
 
 HS = "sidecar_tls_handshakes_total"

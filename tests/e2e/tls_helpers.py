@@ -318,26 +318,6 @@ def client_hello_bytes(server_hostname="localhost") -> bytes:
     return hello
 
 
-def wait_closed(sock: socket.socket, timeout: float) -> tuple[bool, bytes, float]:
-    """Reads until the peer closes (EOF or reset). Returns (closed, bytes read, seconds)."""
-    t0 = time.monotonic()
-    got = b""
-    sock.settimeout(0.2)
-    while time.monotonic() - t0 < timeout:
-        try:
-            d = sock.recv(65536)
-        except socket.timeout:
-            continue
-        except ssl.SSLError:
-            return True, got, time.monotonic() - t0
-        except OSError:  # reset
-            return True, got, time.monotonic() - t0
-        if not d:
-            return True, got, time.monotonic() - t0
-        got += d
-    return False, got, time.monotonic() - t0
-
-
 # --------------------------------------------------------------------------------------------
 # HTTP/2 over TLS with the h2 library
 # --------------------------------------------------------------------------------------------
