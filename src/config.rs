@@ -255,7 +255,7 @@ fn validate(raw: RawConfig, problems: &mut Vec<Problem>) -> Config {
     let mut cx = Ctx::new(problems);
     let admin = admin::validate(raw.admin, &mut cx);
     let app = app::validate(raw.app, &mut cx);
-    let inbound = inbound::validate(raw.inbound, &mut cx, admin.listen, app.address);
+    let inbound = inbound::validate(raw.inbound, &mut cx, admin.listen, &app.address);
     // Refused rather than ignored: a file written for a later build must not run here
     // without what it asks for.
     if raw.outbound.is_some() {
@@ -295,7 +295,7 @@ mod tests {
     fn smallest_config_gets_safe_defaults() {
         let c = smallest();
         assert_eq!(c.admin.listen, "127.0.0.1:15000".parse().unwrap());
-        assert_eq!(c.app.address, "127.0.0.1:8080".parse().unwrap());
+        assert_eq!(c.app.address.to_string(), "127.0.0.1:8080");
         assert_eq!(c.inbound[0].target, c.app.address);
         assert_eq!(c.inbound[0].protocol, Protocol::Http);
         assert_eq!(c.inbound[0].limits.max_header_bytes, 65536);

@@ -12,7 +12,6 @@ use http::{Request, header};
 use http_body_util::Empty;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use prometheus_client::metrics::gauge::Gauge;
-use tokio::net::TcpStream;
 use tokio::sync::watch;
 
 use crate::config::app::TCP_CHECK_INTERVAL;
@@ -20,6 +19,7 @@ use crate::config::{Config, HttpVersion};
 use prometheus_client::registry::Registry;
 
 use crate::drain::DrainWatch;
+use crate::net::Addr;
 use crate::readiness::ReadyHandle;
 
 /// Failed checks in a row that make a healthy app unready (what the issue and Kubernetes'
@@ -29,7 +29,7 @@ const FAILURES_TO_UNREADY: u32 = 3;
 #[derive(Debug, thiserror::Error)]
 enum CheckError {
     #[error("connect to app {addr}: {source}; is the app listening?")]
-    Connect { addr: std::net::SocketAddr, source: std::io::Error },
+    Connect { addr: Addr, source: std::io::Error },
     #[error("GET {path}: {source}")]
     Http { path: String, source: hyper::Error },
     #[error("GET {path} answered {status}")]
@@ -94,8 +94,8 @@ pub async fn run(
 }
 
 async fn check(app: &crate::config::AppConfig) -> Result<(), CheckError> {
-    let addr = app.address;
-    let stream = TcpStream::connect(addr).await.map_err(|source| CheckError::Connect { addr, source })?;
+    let addr = &app.address;
+    let stream = addr.connect().await.map_err(|source| CheckError::Connect { addr: addr.clone(), source })?;
     let Some(health) = &app.health else {
         return Ok(());
     };
@@ -107,7 +107,7 @@ async fn check(app: &crate::config::AppConfig) -> Result<(), CheckError> {
         let (mut sender, conn) =
             hyper::client::conn::http2::handshake(TokioExecutor::new(), io).await.map_err(http_err)?;
         let conn_task = tokio::spawn(conn);
-        let uri = format!("http://{addr}{path}");
+        let uri = format!("http://{}{path}", addr.authority());
         let resp = sender.send_request(health_request(&uri, addr, false)).await.map_err(http_err);
         conn_task.abort();
         resp
@@ -122,10 +122,10 @@ async fn check(app: &crate::config::AppConfig) -> Result<(), CheckError> {
     if status.is_success() { Ok(()) } else { Err(CheckError::Status { path, status }) }
 }
 
-fn health_request(uri: &str, addr: std::net::SocketAddr, http1: bool) -> Request<Empty<Bytes>> {
+fn health_request(uri: &str, addr: &Addr, http1: bool) -> Request<Empty<Bytes>> {
     let mut b = Request::get(uri).header(header::USER_AGENT, "sidecar-health");
     if http1 {
-        b = b.header(header::HOST, addr.to_string()).header(header::CONNECTION, "close");
+        b = b.header(header::HOST, addr.authority()).header(header::CONNECTION, "close");
     }
     // The path was validated at config load (starts with `/`, no spaces), so the request is
     // well formed.

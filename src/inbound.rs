@@ -146,8 +146,8 @@ impl Inbound {
             kept
         });
         // Endpoints no listener uses any more close their idle connections when dropped.
-        let targets: Vec<_> = config.inbound.iter().map(|l| l.target).collect();
-        self.pool.retain(|k| targets.contains(&k.addr));
+        let targets: Vec<_> = config.inbound.iter().map(|l| &l.target).collect();
+        self.pool.retain(|k| targets.contains(&&k.addr));
         self.metrics.retain(|name, _| config.inbound.iter().any(|l| l.name == *name));
         Ok(())
     }
@@ -181,7 +181,7 @@ impl Inbound {
         if l.tls.is_some() {
             metrics.tls_enabled();
         }
-        let endpoint = |proto| self.pool.endpoint(EndpointKey { addr: l.target, tls: None, proto });
+        let endpoint = |proto| self.pool.endpoint(EndpointKey { addr: l.target.clone(), tls: None, proto });
         ListenerCtx {
             config: l.clone(),
             app_http: config.app.http,

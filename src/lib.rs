@@ -10,6 +10,7 @@ pub mod drain;
 pub mod files;
 pub mod health;
 pub mod inbound;
+pub mod net;
 pub mod proxy;
 pub mod readiness;
 pub mod telemetry;

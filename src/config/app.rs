@@ -10,6 +10,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use super::parse::{Ctx, Scalar, duration_str};
+use crate::net::Addr;
 
 // Defaults are the contract's (INTERFACE.md) unless a comment says otherwise.
 
@@ -45,7 +46,7 @@ struct RawHealth {
 }
 
 pub(super) fn validate(raw: RawApp, cx: &mut Ctx) -> AppConfig {
-    let address = raw.address.map_or(DEFAULT_APP_ADDRESS, |a| cx.addr("app.address", &a));
+    let address = raw.address.map_or(Addr::Tcp(DEFAULT_APP_ADDRESS), |a| cx.upstream("app.address", &a));
     let health = raw.health.map(|h| validate_health(h, cx));
     AppConfig { address, http: raw.http.unwrap_or(DEFAULT_APP_HTTP), health }
 }
@@ -76,11 +77,12 @@ pub enum HttpVersion {
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct AppConfig {
-    /// Where the application listens. Default [`DEFAULT_APP_ADDRESS`], 127.0.0.1:8080.
-    pub address: SocketAddr,
+    /// Where the application listens: TCP, or a Unix socket (`unix:/path`). Default
+    /// [`DEFAULT_APP_ADDRESS`], 127.0.0.1:8080.
+    pub address: Addr,
     /// What the app speaks. Default [`DEFAULT_APP_HTTP`], `auto`.
     pub http: HttpVersion,
-    /// How `/ready` learns the app is healthy. `None`: a TCP connect to `address`, every
+    /// How `/ready` learns the app is healthy. `None`: a connect to `address`, every
     /// [`TCP_CHECK_INTERVAL`].
     pub health: Option<HealthConfig>,
 }
@@ -105,7 +107,10 @@ mod tests {
     #[test]
     fn defaults_are_what_the_smallest_config_gets() {
         let app = smallest().app;
-        assert_eq!(app, AppConfig { address: DEFAULT_APP_ADDRESS, http: DEFAULT_APP_HTTP, health: None });
+        assert_eq!(
+            app,
+            AppConfig { address: Addr::Tcp(DEFAULT_APP_ADDRESS), http: DEFAULT_APP_HTTP, health: None }
+        );
     }
 
     /// `health` has no defaults of its own until it is written, so it is checked as `{}`.

@@ -11,6 +11,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use super::parse::{Ctx, Scalar, duration_str, parse_size};
+use crate::net::Addr;
 
 // Defaults are the contract's (INTERFACE.md) unless a comment says otherwise.
 
@@ -72,7 +73,7 @@ pub(super) fn validate(
     raw: Vec<RawInbound>,
     cx: &mut Ctx,
     admin_listen: SocketAddr,
-    app_address: SocketAddr,
+    app_address: &Addr,
 ) -> Vec<InboundConfig> {
     if raw.is_empty() {
         cx.bad(
@@ -86,8 +87,8 @@ pub(super) fn validate(
         let name = validate_name(&at, i, r.name, cx, &inbound);
         let listen = validate_listen(&at, r.listen.as_deref(), cx, &inbound, admin_listen);
         let target = match r.target.as_deref() {
-            Some(t) => cx.addr(&format!("{at}.target"), t),
-            None => app_address,
+            Some(t) => cx.upstream(&format!("{at}.target"), t),
+            None => app_address.clone(),
         };
         let tls = r.tls.map(|t| validate_tls(&at, t, cx));
         let limits = validate_limits(&at, r.limits, cx);
@@ -248,8 +249,8 @@ pub struct InboundConfig {
     pub listen: SocketAddr,
     /// Default [`DEFAULT_PROTOCOL`], `http`.
     pub protocol: Protocol,
-    /// Where connections go. Default `app.address`.
-    pub target: SocketAddr,
+    /// Where connections go: TCP or `unix:/path`. Default `app.address`.
+    pub target: Addr,
     pub limits: Limits,
     /// Terminate TLS here. `None`: plain text.
     pub tls: Option<InboundTls>,

@@ -9,6 +9,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use super::Problem;
+use crate::net::Addr;
 
 /// A duration or size as written: `5s` and `64KiB` are strings, a bare `65536` is a number.
 #[derive(Debug, Clone, Deserialize)]
@@ -46,6 +47,18 @@ impl<'a> Ctx<'a> {
         }
     }
 
+    /// An upstream's address: `unix:/path` or what [`Ctx::addr`] takes.
+    pub(super) fn upstream(&mut self, path: &str, text: &str) -> Addr {
+        match Addr::parse_unix(text) {
+            Some(Ok(a)) => a,
+            Some(Err(m)) => {
+                self.bad(path, m);
+                Addr::Tcp(SocketAddr::from(([127, 0, 0, 1], 0)))
+            }
+            None => Addr::Tcp(self.addr(path, text)),
+        }
+    }
+
     pub(super) fn duration(&mut self, path: &str, raw: Option<&Scalar>, default: Duration) -> Duration {
         match raw {
             None => default,
@@ -79,7 +92,9 @@ pub fn parse_socket_addr(text: &str) -> Result<SocketAddr, String> {
         return Ok(a);
     }
     let Some((host, port)) = text.rsplit_once(':') else {
-        return Err(format!("`{text}` is not an address: expected HOST:PORT, like `127.0.0.1:8080`"));
+        return Err(format!(
+            "`{text}` is not an address: expected HOST:PORT, like `127.0.0.1:8080` (or `unix:/path` where a Unix socket is allowed)"
+        ));
     };
     if port.parse::<u16>().is_err() {
         return Err(format!("`{text}`: `{port}` is not a port number"));

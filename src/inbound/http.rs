@@ -372,11 +372,11 @@ async fn prepare(
     };
     match proto {
         Proto::Http1 => {
-            to_origin_form(&mut parts.uri, &mut parts.headers);
+            to_origin_form(&mut parts.uri, &mut parts.headers, &l.config.target);
             parts.version = Version::HTTP_11;
         }
         Proto::Http2 => {
-            to_absolute_form(&mut parts.uri, &mut parts.headers, l.config.target);
+            to_absolute_form(&mut parts.uri, &mut parts.headers, &l.config.target);
             parts.version = Version::HTTP_2;
         }
     }

@@ -34,7 +34,7 @@ pub async fn serve(client: TcpStream, ctx: &ListenerCtx) {
 
 async fn forward<S: AsyncRead + AsyncWrite + Unpin>(client: S, ctx: &ListenerCtx) {
     // The same dialling as the HTTP pool: failed attempts sent nothing, so they are retried.
-    let connector = Connector::new(ctx.config.target);
+    let connector = Connector::new(ctx.config.target.clone());
     let mut upstream = match connector.connect(ctx.config.connect_timeout).await {
         Ok(io) => io.into_inner(),
         Err(e) => {

@@ -2,11 +2,11 @@
 //! anything was sent, and the errors of the whole trip to an upstream, each knowing whether
 //! a retry is safe. TLS origination (outbound) plugs in here; the pool only sees a stream.
 
-use std::net::SocketAddr;
 use std::time::Duration;
 
 use hyper_util::rt::TokioIo;
-use tokio::net::TcpStream;
+
+use crate::net::{Addr, Stream};
 
 /// Dial attempts per checkout. A dial that failed sent nothing, so trying again is always
 /// safe; three attempts cover a SYN dropped by a full accept backlog (the kernel resends
@@ -21,13 +21,13 @@ const RETRY_BACKOFF: Duration = Duration::from_millis(10);
 #[derive(Debug, thiserror::Error)]
 pub enum PoolError {
     #[error("connect to {addr}: {source}")]
-    Connect { addr: SocketAddr, source: std::io::Error },
+    Connect { addr: Addr, source: std::io::Error },
     #[error("connect to {addr}: timed out after {after:?}")]
-    ConnectTimeout { addr: SocketAddr, after: Duration },
+    ConnectTimeout { addr: Addr, after: Duration },
     #[error("handshake with {addr}: {source}")]
-    Handshake { addr: SocketAddr, source: hyper::Error },
+    Handshake { addr: Addr, source: hyper::Error },
     #[error("request to {addr}: {source}")]
-    Send { addr: SocketAddr, source: hyper::Error, sent: bool },
+    Send { addr: Addr, source: hyper::Error, sent: bool },
 }
 
 impl PoolError {
@@ -47,9 +47,7 @@ impl PoolError {
     /// the inbound direction's name for its upstream (the access-log values are public).
     pub fn kind(&self) -> &'static str {
         match self {
-            PoolError::Connect { source, .. } if source.kind() == std::io::ErrorKind::ConnectionRefused => {
-                "app_connection_refused"
-            }
+            PoolError::Connect { source, .. } if refused(source) => "app_connection_refused",
             PoolError::Connect { .. } | PoolError::Handshake { .. } => "app_connect_error",
             PoolError::ConnectTimeout { .. } => "app_connect_timeout",
             PoolError::Send { .. } => "app_reset",
@@ -57,20 +55,26 @@ impl PoolError {
     }
 }
 
-/// Makes connections to one address. Plain TCP today; the TLS client config joins here.
+/// Nobody listens there: a refused TCP connect, or a Unix socket path with no file behind
+/// it (an app that has not started yet, or is restarting, removes and re-creates it).
+fn refused(e: &std::io::Error) -> bool {
+    matches!(e.kind(), std::io::ErrorKind::ConnectionRefused | std::io::ErrorKind::NotFound)
+}
+
+/// Makes connections to one address, TCP or a Unix socket; the TLS client config joins here.
 #[derive(Debug, Clone)]
 pub struct Connector {
-    pub addr: SocketAddr,
+    pub addr: Addr,
 }
 
 impl Connector {
-    pub fn new(addr: SocketAddr) -> Self {
-        Connector { addr }
+    pub fn new(addr: impl Into<Addr>) -> Self {
+        Connector { addr: addr.into() }
     }
 
     /// One connected stream, within `timeout` per attempt, retrying failures that sent
     /// nothing. The last error is returned when every attempt failed.
-    pub async fn connect(&self, timeout: Duration) -> Result<TokioIo<TcpStream>, PoolError> {
+    pub async fn connect(&self, timeout: Duration) -> Result<TokioIo<Stream>, PoolError> {
         let mut attempt = 1;
         loop {
             match self.connect_once(timeout).await {
@@ -85,28 +89,26 @@ impl Connector {
         }
     }
 
-    async fn connect_once(&self, timeout: Duration) -> Result<TokioIo<TcpStream>, PoolError> {
-        let addr = self.addr;
-        let stream = match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
-            Ok(Ok(s)) => s,
-            Ok(Err(source)) => return Err(PoolError::Connect { addr, source }),
-            Err(_) => return Err(PoolError::ConnectTimeout { addr, after: timeout }),
-        };
-        // Requests are small writes that must leave now, not wait for Nagle.
-        let _ = stream.set_nodelay(true);
-        Ok(TokioIo::new(stream))
+    async fn connect_once(&self, timeout: Duration) -> Result<TokioIo<Stream>, PoolError> {
+        match tokio::time::timeout(timeout, self.addr.connect()).await {
+            Ok(Ok(s)) => Ok(TokioIo::new(s)),
+            Ok(Err(source)) => Err(PoolError::Connect { addr: self.addr.clone(), source }),
+            Err(_) => Err(PoolError::ConnectTimeout { addr: self.addr.clone(), after: timeout }),
+        }
     }
 }
 
 /// Whether another dial may help: lost SYNs, a refused or reset connect (an app restarting
-/// or with a full backlog). Local resource errors (no ports, no file descriptors) are not
-/// retried: a second attempt would fail the same way.
+/// or with a full backlog), a Unix socket not there yet or with a full backlog (`EAGAIN`).
+/// Local resource errors (no ports, no file descriptors) are not retried: a second attempt
+/// would fail the same way.
 fn retry_dial(e: &PoolError) -> bool {
     use std::io::ErrorKind::*;
     match e {
         PoolError::ConnectTimeout { .. } => true,
         PoolError::Connect { source, .. } => {
-            matches!(source.kind(), ConnectionRefused | ConnectionReset | ConnectionAborted | TimedOut)
+            refused(source)
+                || matches!(source.kind(), ConnectionReset | ConnectionAborted | TimedOut | WouldBlock)
         }
         _ => false,
     }
@@ -133,6 +135,7 @@ mod tests {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let io = Connector::new(addr).connect(Duration::from_secs(1)).await.unwrap();
-        assert_eq!(io.inner().peer_addr().unwrap(), addr);
+        let Stream::Tcp(s) = io.inner() else { panic!("a TCP address gives a TCP stream") };
+        assert_eq!(s.peer_addr().unwrap(), addr);
     }
 }

@@ -59,7 +59,7 @@ mod tests {
     #[test]
     fn each_error_has_its_answer() {
         let refused = PoolError::Connect {
-            addr: "127.0.0.1:1".parse().unwrap(),
+            addr: std::net::SocketAddr::from(([127, 0, 0, 1], 1)).into(),
             source: std::io::ErrorKind::ConnectionRefused.into(),
         };
         let cases = [

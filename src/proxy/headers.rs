@@ -195,13 +195,19 @@ fn append_list(headers: &mut HeaderMap, name: &HeaderName, value: &HeaderValue) 
 }
 
 /// Rewrites a request target for an HTTP/1.1 hop: origin-form (`/path?q`), with `Host`
-/// set from the HTTP/2 `:authority` when the client spoke HTTP/2.
-pub fn to_origin_form(uri: &mut Uri, headers: &mut HeaderMap) {
-    if let Some(auth) = uri.authority()
-        && !headers.contains_key(header::HOST)
-        && let Ok(v) = HeaderValue::from_str(auth.as_str())
-    {
-        headers.insert(header::HOST, v);
+/// set from the HTTP/2 `:authority` when the client spoke HTTP/2. A request with neither
+/// (HTTP/1.0 allows that) gets the target's own authority: the hop is HTTP/1.1, where a
+/// request without `Host` must be refused (RFC 9112 §3.2), and nginx does refuse it.
+pub fn to_origin_form(uri: &mut Uri, headers: &mut HeaderMap, fallback: &crate::net::Addr) {
+    if !headers.contains_key(header::HOST) {
+        let authority = match uri.authority() {
+            Some(auth) => HeaderValue::from_str(auth.as_str()).ok(),
+            // Rare (HTTP/1.0 without Host): format only then.
+            None => HeaderValue::try_from(fallback.authority()).ok(),
+        };
+        if let Some(v) = authority {
+            headers.insert(header::HOST, v);
+        }
     }
     if uri.scheme().is_some() || uri.authority().is_some() {
         let pq = uri.path_and_query().cloned().unwrap_or_else(|| PathAndQuery::from_static("/"));
@@ -211,7 +217,7 @@ pub fn to_origin_form(uri: &mut Uri, headers: &mut HeaderMap) {
 
 /// Rewrites a request target for an HTTP/2 hop: absolute form, authority taken from `Host`
 /// (which HTTP/2 carries as `:authority` instead, RFC 9113 §8.3.1).
-pub fn to_absolute_form(uri: &mut Uri, headers: &mut HeaderMap, fallback: std::net::SocketAddr) {
+pub fn to_absolute_form(uri: &mut Uri, headers: &mut HeaderMap, fallback: &crate::net::Addr) {
     if uri.scheme().is_some() && uri.authority().is_some() {
         headers.remove(header::HOST);
         return;
@@ -220,7 +226,7 @@ pub fn to_absolute_form(uri: &mut Uri, headers: &mut HeaderMap, fallback: std::n
         .remove(header::HOST)
         .and_then(|h| Authority::try_from(h.as_bytes()).ok())
         // An HTTP/1.1 request without Host (legal only in HTTP/1.0) is rare: format only then.
-        .or_else(|| Authority::try_from(fallback.to_string()).ok());
+        .or_else(|| Authority::try_from(fallback.authority()).ok());
     let mut parts = std::mem::take(uri).into_parts();
     parts.scheme = Some(Scheme::HTTP);
     parts.authority = authority;
@@ -330,11 +336,27 @@ mod tests {
     fn target_forms() {
         let mut uri: Uri = "http://example.com/a?b".parse().unwrap();
         let mut h = HeaderMap::new();
-        to_origin_form(&mut uri, &mut h);
+        let unix = crate::net::Addr::parse_unix("unix:/run/app.sock").unwrap().unwrap();
+        to_origin_form(&mut uri, &mut h, &unix);
         assert_eq!(uri, "/a?b");
         assert_eq!(h.get("host").unwrap(), "example.com");
-        to_absolute_form(&mut uri, &mut h, "127.0.0.1:1".parse().unwrap());
+        to_absolute_form(&mut uri, &mut h, &unix);
         assert_eq!(uri.to_string(), "http://example.com/a?b");
         assert!(!h.contains_key("host"));
+        // No Host at all (HTTP/1.0): the target's own authority, `localhost` for a socket.
+        let mut uri: Uri = "/x".parse().unwrap();
+        to_absolute_form(&mut uri, &mut h, &unix);
+        assert_eq!(uri.to_string(), "http://localhost/x");
+        // The same without Host towards an HTTP/1.1 app: Host is added.
+        let mut h = HeaderMap::new();
+        to_origin_form(&mut uri, &mut h, &unix);
+        assert_eq!(h.get("host").unwrap(), "localhost");
+        let mut uri: Uri = "/y".parse().unwrap();
+        let mut h = HeaderMap::new();
+        to_origin_form(&mut uri, &mut h, &std::net::SocketAddr::from(([127, 0, 0, 1], 8080)).into());
+        assert_eq!(
+            (uri.to_string().as_str(), h.get("host").unwrap().to_str().unwrap()),
+            ("/y", "127.0.0.1:8080")
+        );
     }
 }

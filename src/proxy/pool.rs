@@ -13,7 +13,6 @@
 mod multiplex;
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
@@ -27,6 +26,7 @@ use tokio::sync::Notify;
 use super::body::{BodyStats, RequestBody};
 pub use super::connect::{Connector, PoolError};
 use crate::drain::DrainWatch;
+use crate::net::Addr;
 
 /// Idle HTTP/1.1 connections kept per endpoint. Enough for the 64–256 concurrent clients of
 /// a busy pod; beyond it, connections are closed after use rather than hoarded.
@@ -67,7 +67,7 @@ pub struct TlsKey {
 /// What makes two connections interchangeable.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct EndpointKey {
-    pub addr: SocketAddr,
+    pub addr: Addr,
     pub tls: Option<TlsKey>,
     pub proto: Proto,
 }
@@ -173,7 +173,7 @@ impl Pool {
 impl Endpoint {
     fn new(key: EndpointKey) -> Arc<Self> {
         Arc::new(Endpoint {
-            connector: Connector::new(key.addr),
+            connector: Connector::new(key.addr.clone()),
             key,
             open: AtomicUsize::new(0),
             dialing: AtomicUsize::new(0),
@@ -187,8 +187,8 @@ impl Endpoint {
         &self.key
     }
 
-    pub fn addr(&self) -> SocketAddr {
-        self.key.addr
+    pub fn addr(&self) -> &Addr {
+        &self.key.addr
     }
 
     /// Open HTTP/1.1 connections (idle and lent).
@@ -246,7 +246,11 @@ impl Endpoint {
                     Some(back) if reused => req = back,
                     back => {
                         let sent = back.is_none();
-                        return Err(PoolError::Send { addr: self.key.addr, source: e.into_error(), sent });
+                        return Err(PoolError::Send {
+                            addr: self.key.addr.clone(),
+                            source: e.into_error(),
+                            sent,
+                        });
                     }
                 },
             }
@@ -314,7 +318,7 @@ impl Endpoint {
             .max_buf_size(H1_MAX_BUF)
             .handshake(io)
             .await
-            .map_err(|source| PoolError::Handshake { addr: self.key.addr, source })?;
+            .map_err(|source| PoolError::Handshake { addr: self.key.addr.clone(), source })?;
         drop(dialing);
         tokio::spawn(async move {
             // The slot counts this connection until hyper is done with it.
@@ -345,19 +349,23 @@ impl Endpoint {
         req: Request<RequestBody>,
         connect_timeout: Duration,
     ) -> Result<Response<Incoming>, PoolError> {
-        let addr = self.key.addr;
+        let addr = &self.key.addr;
         let io = self.connector.connect(connect_timeout).await?;
         let (mut sender, conn) = http1::Builder::new()
             .max_buf_size(H1_MAX_BUF)
             .handshake(io)
             .await
-            .map_err(|source| PoolError::Handshake { addr, source })?;
+            .map_err(|source| PoolError::Handshake { addr: addr.clone(), source })?;
         tokio::spawn(async move {
             if let Err(e) = conn.with_upgrades().await {
                 tracing::debug!(error = %e, "upstream upgrade connection ended");
             }
         });
-        sender.send_request(req).await.map_err(|source| PoolError::Send { addr, source, sent: true })
+        sender.send_request(req).await.map_err(|source| PoolError::Send {
+            addr: addr.clone(),
+            source,
+            sent: true,
+        })
     }
 
     /// Sends `req` on the endpoint's shared HTTP/2 connection, connecting it if needed.
@@ -374,7 +382,7 @@ impl Endpoint {
         // going away (GOAWAY) before the stream opened.
         sender.send_request(req).await.map_err(|source| {
             let sent = !source.is_canceled();
-            PoolError::Send { addr: self.key.addr, source, sent }
+            PoolError::Send { addr: self.key.addr.clone(), source, sent }
         })
     }
 

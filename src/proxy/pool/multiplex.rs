@@ -8,9 +8,9 @@ use std::time::Duration;
 use arc_swap::ArcSwapOption;
 use hyper::client::conn::http2;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
-use tokio::net::TcpStream;
 
 use super::{Connector, PoolError};
+use crate::net::Stream;
 use crate::proxy::body::RequestBody;
 use crate::proxy::{H2_CONNECTION_WINDOW, H2_MAX_SEND_BUF, H2_STREAM_WINDOW};
 
@@ -53,7 +53,7 @@ impl Shared {
         if let Some(s) = self.current() {
             return Ok(s);
         }
-        let addr = connector.addr;
+        let addr = connector.addr.clone();
         let io = connector.connect(timeout).await?;
         let (sender, conn) = http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
@@ -93,7 +93,7 @@ impl Shared {
 }
 
 /// True when the peer completes an HTTP/2 handshake and answers a PING.
-async fn ping(io: TcpStream) -> bool {
+async fn ping(io: Stream) -> bool {
     let Ok((_send, mut conn)) = h2::client::handshake(io).await else { return false };
     let Some(mut ping_pong) = conn.ping_pong() else { return false };
     tokio::select! {

@@ -2,6 +2,7 @@
 //! it accepts.
 
 use std::convert::Infallible;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
@@ -42,7 +43,7 @@ async fn server(delay: Duration) -> (SocketAddr, Arc<AtomicUsize>) {
 }
 
 fn endpoint(addr: SocketAddr) -> Arc<Endpoint> {
-    Pool::new().endpoint(EndpointKey { addr, tls: None, proto: Proto::Http1 })
+    Pool::new().endpoint(EndpointKey { addr: addr.into(), tls: None, proto: Proto::Http1 })
 }
 
 /// A GET with an empty body, as `RequestBody` needs an `Incoming`: made by a loopback hop.

@@ -2,7 +2,8 @@
 """HTTP/1.1 application that Sidecar's end-to-end tests put behind the sidecar.
 
 Python's stdlib server with keep-alive (protocol_version HTTP/1.1, every response framed). It
-prints `PORT <n>` on stdout once it listens, then serves until killed.
+prints `PORT <n>` on stdout once it listens (`PORT 0` on a Unix socket, `--unix PATH`), then
+serves until killed.
 
 Endpoints (everything the tests need to see what reached the app):
   /                    hello text
@@ -23,6 +24,8 @@ Endpoints (everything the tests need to see what reached the app):
 
 import argparse
 import json
+import os
+import socketserver
 import sys
 import threading
 import time
@@ -268,14 +271,34 @@ class Server(ThreadingHTTPServer):
     request_queue_size = 512
 
 
+class UnixServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
+    """The same app on a Unix domain socket (`--unix PATH`)."""
+
+    daemon_threads = True
+    request_queue_size = 512
+
+    def get_request(self):
+        # A Unix peer has no address; each connection gets a distinct stand-in so /count's
+        # `peers` still counts connections.
+        sock, _ = self.socket.accept()
+        return sock, ("unix", sock.fileno())
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--port", type=int, default=0)
+    ap.add_argument("--unix", help="listen on this Unix socket path instead of a TCP port")
     ap.add_argument("--unhealthy", action="store_true", help="start with /healthz failing")
     args = ap.parse_args()
     STATE["healthy"] = not args.unhealthy
-    srv = Server(("127.0.0.1", args.port), Handler)
-    print(f"PORT {srv.server_address[1]}", flush=True)
+    if args.unix:
+        if os.path.exists(args.unix):
+            os.unlink(args.unix)
+        srv = UnixServer(args.unix, Handler)
+        print("PORT 0", flush=True)
+    else:
+        srv = Server(("127.0.0.1", args.port), Handler)
+        print(f"PORT {srv.server_address[1]}", flush=True)
     srv.serve_forever(poll_interval=0.2)
 
 
