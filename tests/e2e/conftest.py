@@ -14,6 +14,7 @@ import sys
 import pytest
 
 from helpers import SIDECAR_BIN, APPS, HttpApp, AppProcess, Sidecar, Web, make_config, write_config
+from tls_helpers import PKI
 
 # The slowloris and max_connections tests hold 1,000+ sockets open; the sidecar, started from
 # this process, inherits the raised limit too.
@@ -129,6 +130,12 @@ def grpc_app(grpc_stubs, log_dir):
     a = AppProcess("grpc_app.py", "--stubs", grpc_stubs[0], log_dir=log_dir)
     yield a
     a.stop()
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory):
+    """The TLS tests' certificates (tls_helpers.PKI), made once per test module."""
+    return PKI(tmp_path_factory.mktemp("pki"))
 
 
 @pytest.fixture

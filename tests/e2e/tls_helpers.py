@@ -1,7 +1,8 @@
-"""TLS helpers for test_tls.py: a test PKI (the sidecar's own `certs` commands, plus certificates
-made with the `cryptography` package that `sidecar certs` cannot make: expired, not yet valid,
-from another CA, wrong key usage), TLS listener configs, and thin wrappers around clients nobody
-here wrote: `openssl s_client`, Python's ssl module (OpenSSL) and the `h2` library.
+"""TLS helpers for test_tls.py, test_tls_files.py and test_memory.py: a test PKI (the sidecar's
+own `certs` commands, plus certificates made with the `cryptography` package that `sidecar certs`
+cannot make: expired, not yet valid, from another CA, wrong key usage), TLS listener configs, the
+handshake counters, and thin wrappers around clients nobody here wrote: `openssl s_client`,
+Python's ssl module (OpenSSL) and the `h2` library.
 
 Everything talks to 127.0.0.1 only, and every wait has a deadline.
 """
@@ -24,13 +25,14 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from helpers import LOCALHOST, free_port, run_sidecar_cmd
+from helpers import LOCALHOST, free_port, run_sidecar_cmd, wait_until
 
 TD = "spiffe://cluster.local/ns/default/sa"
 SERVER_ID = f"{TD}/web"
 FRONTEND_ID = f"{TD}/frontend"  # the identity the `mtls` listeners allow
 INTRUDER_ID = f"{TD}/intruder"  # a valid client of the same CA that is not allowed
 DNS_ONLY_NAMES = ["client.example.test", "second.example.test"]
+HS = "sidecar_tls_handshakes_total"
 
 
 # --------------------------------------------------------------------------------------------
@@ -230,6 +232,32 @@ def standard_listeners(pki: PKI) -> list[dict]:
         tls_listener("mtls", tls_block(s.crt, s.key, client_ca=pki.ca, allowed=[FRONTEND_ID])),
         tls_listener("mtls_any", tls_block(s.crt, s.key, client_ca=pki.ca)),
     ]
+
+
+# --------------------------------------------------------------------------------------------
+# the sidecar's TLS listeners seen from a test: URLs, curl's client-cert arguments, handshakes
+# counted by result
+# --------------------------------------------------------------------------------------------
+def url(sc, listener, path="/headers"):
+    return f"https://{LOCALHOST}:{sc.port(listener)}{path}"
+
+
+def cert_args(cred):
+    return ["--cert", cred.crt, "--key", cred.key] if cred else []
+
+
+def hs(sc, listener, result) -> float:
+    return sc.metrics().value(HS, listener=listener, result=result)
+
+
+def wait_hs(sc, listener, result, at_least, timeout=5.0):
+    """Waits until sidecar_tls_handshakes_total{listener,result} reaches at_least."""
+    wait_until(
+        lambda: hs(sc, listener, result) >= at_least,
+        timeout,
+        what=f'{HS}{{listener="{listener}",result="{result}"}} >= {at_least} '
+        f"(series now: {sc.metrics().series(HS)})",
+    )
 
 
 # --------------------------------------------------------------------------------------------
