@@ -16,7 +16,7 @@ import time
 import pytest
 
 from helpers import LOCALHOST, RssSampler, curl, make_config, read_rss_kib
-from tls_helpers import PKI, SERVER_ID, flip_symlink, issue, serial_via_python, tls_block, tls_listener
+from tls_helpers import PKI, SERVER_ID, flip_symlink, issue, serial_via_python, symlinked_tls_listener
 
 MiB = 1 << 20
 
@@ -43,11 +43,9 @@ def _gcore(pid, out_dir) -> str:
 def test_private_key_file_bytes_are_not_kept_in_memory(tmp_path, http_app, start_sidecar):
     pki = PKI(tmp_path / "pki")
     certs = tmp_path / "certs"
-    certs.mkdir()
-    v1 = issue(pki.ca_dir, SERVER_ID, certs / "v1", dns=["localhost", LOCALHOST])
-    os.symlink("v1", certs / "current")
+    v1, listener = symlinked_tls_listener(pki, certs)
     cur = certs / "current"
-    sc = start_sidecar(make_config(http_app.port, extra_inbound=[tls_listener("tls", tls_block(cur / "tls.crt", cur / "tls.key"))]))
+    sc = start_sidecar(make_config(http_app.port, extra_inbound=[listener]))
     port = sc.port("tls")
     assert serial_via_python(port, pki.ca) == v1.serial
     v2 = issue(pki.ca_dir, SERVER_ID, certs / "v2", dns=["localhost", LOCALHOST])

@@ -30,6 +30,7 @@ from tls_helpers import (
     s_client,
     serial_via_openssl,
     serial_via_python,
+    symlinked_tls_listener,
     tls_block,
     tls_listener,
     url,
@@ -43,12 +44,8 @@ from tls_helpers import (
 def rotating(tmp_path, http_app, start_sidecar, pki):
     """A sidecar whose `tls` listener reads certs/current/tls.{crt,key}, current -> v1."""
     certs = tmp_path / "certs"
-    certs.mkdir()
-    v1 = issue(pki.ca_dir, SERVER_ID, certs / "v1", dns=["localhost", LOCALHOST])
-    os.symlink("v1", certs / "current")
-    cur = certs / "current"
-    cfg = make_config(http_app.port, extra_inbound=[tls_listener("tls", tls_block(cur / "tls.crt", cur / "tls.key"))])
-    sc = start_sidecar(cfg)
+    v1, listener = symlinked_tls_listener(pki, certs)
+    sc = start_sidecar(make_config(http_app.port, extra_inbound=[listener]))
     return sc, certs, v1
 
 

@@ -419,6 +419,17 @@ def flip_symlink(link: Path, target_name: str):
     os.replace(tmp, link)
 
 
+def symlinked_tls_listener(pki: PKI, certs: Path) -> tuple[Cred, dict]:
+    """certs/v1 (a server certificate from `sidecar certs issue`) and certs/current -> v1, laid
+    out as a Kubernetes Secret volume is. Returns v1 and a `tls` listener that reads
+    current/tls.{crt,key}: flip_symlink(certs / "current", NAME) rotates what it serves."""
+    certs.mkdir()
+    v1 = issue(pki.ca_dir, SERVER_ID, certs / "v1", dns=["localhost", LOCALHOST])
+    os.symlink("v1", certs / "current")
+    cur = certs / "current"
+    return v1, tls_listener("tls", tls_block(cur / "tls.crt", cur / "tls.key"))
+
+
 def header_values(headers_json: dict, name: str) -> list[str]:
     """Values of header `name` (case-insensitive) in the test app's /headers JSON."""
     return [v for k, v in headers_json["headers"] if k.lower() == name.lower()]
