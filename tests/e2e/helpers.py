@@ -102,17 +102,22 @@ def wait_closed(sock: socket.socket, timeout: float) -> tuple[bool, bytes, float
 # --------------------------------------------------------------------------------------------
 # plain HTTP client (stdlib http.client)
 # --------------------------------------------------------------------------------------------
-@dataclass
-class Resp:
-    status: int
-    headers: list  # [(name, value)] as received
-    body: bytes
+class HeaderLookup:
+    """`header(name)` for a response whose `headers` is a list of (name, value) pairs as
+    received: the first value under that name in any case, else default."""
 
     def header(self, name: str, default=None):
         for k, v in self.headers:
             if k.lower() == name.lower():
                 return v
         return default
+
+
+@dataclass
+class Resp(HeaderLookup):
+    status: int
+    headers: list  # [(name, value)] as received
+    body: bytes
 
     def json(self):
         return json.loads(self.body)

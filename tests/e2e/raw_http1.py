@@ -7,21 +7,15 @@ from __future__ import annotations
 import socket
 from dataclasses import dataclass
 
-from helpers import LOCALHOST, wait_closed
+from helpers import LOCALHOST, HeaderLookup, wait_closed
 
 
 @dataclass
-class RawResponse:
+class RawResponse(HeaderLookup):
     status: int
     reason: str
     headers: list
     body: bytes
-
-    def header(self, name, default=None):
-        for k, v in self.headers:
-            if k.lower() == name.lower():
-                return v
-        return default
 
 
 class ConnectionClosed(Exception):
