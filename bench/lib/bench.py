@@ -21,7 +21,7 @@ from load import QUICK_TLS, TLS_WORKLOADS, WORKLOADS, CpuQuota, run_workload
 from modes import profile, soak, syscall_counts
 from procs import BENCH, ROOT, Procs, loadavg, log, machine_info, mem_kib, wait_quiet
 from report import build_report, fmt_f, fmt_ms, fmt_rps
-from targets import PROXIES, TARGETS, Env
+from targets import PROXIES, TARGETS, Env, key
 
 
 def bench(args, env: Env, tmp):
@@ -37,8 +37,15 @@ def bench(args, env: Env, tmp):
         workloads = [w for w in workloads if not w[3].get("quota")]
     runs = {t: {w[0]: [] for w in workloads} for t in targets}
     mem = {t: {"idle": [], "peak_small": [], "peak_all": []} for t in proxies}
+    # what a target cannot run here (no nginx `stream` module, a Sidecar without Unix upstreams):
+    # the workload runs without it, and the report says why under its table
+    skipped = {w[0]: {t: why for t, why in env.skip.get(w[0], {}).items() if t in targets} for w in workloads}
+    skipped = {w: ts for w, ts in skipped.items() if ts}
+    for w, ts in skipped.items():
+        for t, why in ts.items():
+            log(f"  {w}: {t} not run: {why}")
     data = {"machine": machine_info(env.bin), "targets": targets, "rounds": rounds, "quick": quick,
-            "runs": runs, "mem": mem, "load_before": loadavg(), "notes": notes}
+            "runs": runs, "mem": mem, "load_before": loadavg(), "notes": notes, "skipped": skipped}
     log(f"bench: {rounds} round(s), targets {targets}, load {data['load_before']}")
     t_start = time.monotonic()
     for rnd in range(rounds):
@@ -53,13 +60,17 @@ def bench(args, env: Env, tmp):
             if env.tls and rnd == 0:
                 data.setdefault("tls", {})[t] = env.tls_negotiated(t)
                 log(f"  TLS {t}: {data['tls'][t]}")
+        start_variants(env, workloads, proxies, skipped, rnd)
         for wl in workloads:
             wait_quiet(args.max_wait)
             for t in order:
                 if wl[3].get("tls") and t == "direct":
                     continue  # the app has no TLS listener: proxies only
-                # quick: only the first workload gets a warm-up run (it warms the proxy for the rest)
-                warm = not quick or wl is workloads[0]
+                if t in skipped.get(wl[0], {}):
+                    continue
+                # quick: only the first workload gets a warm-up run (it warms the proxy for the
+                # rest), and those that run in processes of their own (the variants)
+                warm = not quick or wl is workloads[0] or bool(wl[3].get("via"))
                 r = run_workload(env, t, wl, quick, tmp, warm)
                 if r["foreign"] > args.disturbed:
                     # other work on the machine took CPU during this run: wait, then redo it once
@@ -71,8 +82,9 @@ def bench(args, env: Env, tmp):
                     if r["foreign"] > args.disturbed:
                         data["notes"].append(f"round {rnd+1} {wl[0]} {t}: other processes took "
                                              f"{r['foreign']*100:.0f}% of a core during the run")
+                r["round"] = rnd
                 runs[t][wl[0]].append(r)
-                log(f"  round {rnd+1} {wl[0]:6s} {t:8s} {fmt_rps(r['rps']):>7s} req/s  p99 {fmt_ms(r['p99'])} ms"
+                log(f"  round {rnd+1} {wl[0]:7s} {t:8s} {fmt_rps(r['rps']):>7s} req/s  p99 {fmt_ms(r['p99'])} ms"
                     f"  cpu/100k {fmt_f(r['cpu_per_100k'])}  busy {fmt_f(r.get('busy'))}  err {r['errors']}"
                     f"  other CPU {r['foreign']*100:.0f}%" + (f"  [{r['tls']}]" if r.get("tls") else ""))
                 if r["errors"]:
@@ -83,10 +95,34 @@ def bench(args, env: Env, tmp):
         for t in proxies:
             mem[t]["peak_all"].append(mem_kib(env.pids(t), "VmHWM"))
             env.stop(t)
+            for wl in workloads:
+                if wl[3].get("via"):
+                    env.stop(t, wl[3]["via"])
     data["load_after"] = loadavg()
     data["elapsed_s"] = round(time.monotonic() - t_start)
     log(f"bench: done in {data['elapsed_s']} s")
     return data
+
+
+def start_variants(env: Env, workloads, proxies, skipped, rnd):
+    """Starts and checks the variant processes the workloads need (the `unix` workload: each
+    proxy reaching the app over its Unix socket). One that does not start or answer is left out
+    of that workload with the reason, so that the run goes on."""
+    for wl in workloads:
+        via = wl[3].get("via")
+        if not via:
+            continue
+        for t in proxies:
+            if t in skipped.get(wl[0], {}):
+                continue
+            try:
+                env.start(t, via)
+                env.check(t, via)
+            except (RuntimeError, OSError) as e:
+                why = " ".join(str(e).split())[:300]
+                skipped.setdefault(wl[0], {})[t] = f"{key(t, via)} did not start or answer in round {rnd+1}: {why}"
+                log(f"  {wl[0]}: {t} not run: {skipped[wl[0]][t]}")
+                env.stop(t, via)
 
 
 def main():
@@ -146,7 +182,9 @@ def main():
     try:
         want_tls = (any(w in TLS_WORKLOADS for w in args.workloads) and not (args.soak or args.syscalls)
                     and not (args.profile and not args.profile_load.startswith("tls")))
-        env = Env(tmp, args.sidecar, procs, tls=want_tls)
+        plain = not (args.soak or args.syscalls or args.profile)
+        env = Env(tmp, args.sidecar, procs, tls=want_tls, l4=plain and "floor" in args.workloads,
+                  unix=plain and "unix" in args.workloads)
         env.start_app()
         stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
         if args.syscalls:

@@ -1,8 +1,16 @@
 """The config files of the app and of each proxy, as text: the same work in every proxy (one
 worker, access logs off, upstream keep-alive, the forwarding headers Sidecar adds).
 
+The upstream of a proxy is `app`, an address in the proxy's own syntax: TCP `127.0.0.1:PORT`
+everywhere, or the app's Unix socket (nginx `unix:/PATH`, HAProxy `/PATH`, Sidecar `unix:/PATH`).
+`l4`, where given, is `{"port", "target"}`: a TCP relay listener beside the HTTP ones (the L4 floor).
+
 Not responsible for starting anything (targets.py)."""
 from __future__ import annotations
+
+import os
+import re
+import subprocess
 
 BODY_SMALL = b"hello world\n"
 
@@ -24,13 +32,15 @@ http {{
 """
 
 
-def app_conf(d, port, h2port):
+def app_conf(d, port, h2port, sock=None):
+    """The app; `sock`: also listen on this Unix socket (the `unix` workload)."""
+    unix = f"    listen unix:{sock} backlog=4096;\n" if sock else ""
     return nginx_head(d) + f"""  sendfile on; tcp_nopush on;
   default_type application/octet-stream;
   server {{
     listen 127.0.0.1:{port} backlog=4096;
     listen 127.0.0.1:{h2port} http2 backlog=4096;
-    root {d}/www;
+{unix}    root {d}/www;
     location = / {{ default_type text/plain; return 200 'hello world\\n'; }}
     location / {{ }}
   }}
@@ -71,9 +81,42 @@ def nginx_tls_servers(tls):
 {NGINX_PROXY_LOCATION}  }}"""
 
 
-def nginx_proxy_conf(d, port, h2port, app_port, tls=None):
-    return nginx_head(d) + f"""  upstream app {{
-    server 127.0.0.1:{app_port};
+STREAM_SO = "/usr/lib/nginx/modules/ngx_stream_module.so"
+
+
+def nginx_stream():
+    """How the nginx here gets its `stream` module (the L4 relay): `("", None)` when built in,
+    `("load_module PATH;", None)` when the dynamic module is installed, `(None, why)` otherwise."""
+    try:
+        v = subprocess.run(["nginx", "-V"], capture_output=True, text=True, timeout=10).stderr
+    except (OSError, subprocess.SubprocessError) as e:
+        return None, f"nginx -V failed ({e})"
+    if re.search(r"--with-stream(\s|$)", v):
+        return "", None
+    if "--with-stream=dynamic" in v and os.path.exists(STREAM_SO):
+        return f"load_module {STREAM_SO};\n", None
+    return None, "this nginx has no `stream` module (Debian: apt-get install libnginx-mod-stream)"
+
+
+def nginx_stream_server(l4):
+    """nginx's L4 relay: a `stream` server that pipes each connection to the app (no access log:
+    off by default in `stream`)."""
+    if not l4:
+        return ""
+    return f"""
+stream {{
+  upstream app_l4 {{ server {l4['target']}; }}
+  server {{
+    listen 127.0.0.1:{l4['port']} backlog=4096;
+    proxy_pass app_l4;
+  }}
+}}
+"""
+
+
+def nginx_proxy_conf(d, port, h2port, app, tls=None, l4=None, load_module=""):
+    return (load_module or "") + nginx_head(d) + f"""  upstream app {{
+    server {app};
     keepalive 256;
     keepalive_requests 100000000;
     keepalive_timeout 300s;
@@ -83,10 +126,28 @@ def nginx_proxy_conf(d, port, h2port, app_port, tls=None):
     listen 127.0.0.1:{h2port} http2 backlog=4096;
 {NGINX_PROXY_LOCATION}  }}{nginx_tls_servers(tls)}
 }}
+{nginx_stream_server(l4)}"""
+
+
+def haproxy_l4(l4):
+    """HAProxy's L4 relay: a frontend and backend in `mode tcp`, after a second `defaults`
+    section so that the HTTP options of the first do not apply to them."""
+    if not l4:
+        return ""
+    return f"""defaults
+  mode tcp
+  timeout connect 5s
+  timeout client 300s
+  timeout server 300s
+frontend l4
+  bind 127.0.0.1:{l4['port']}
+  default_backend app_l4
+backend app_l4
+  server app {l4['target']}
 """
 
 
-def haproxy_conf(d, port, h2port, app_port, tls=None):
+def haproxy_conf(d, port, h2port, app, tls=None, l4=None):
     bind_tls = (f"\n  bind 127.0.0.1:{tls['port']} ssl crt {tls['pem']} alpn h2,http/1.1" if tls else "")
     return f"""
 global
@@ -111,17 +172,20 @@ frontend web
   http-request add-header Forwarded "for=%[src];proto=%[ssl_fc,iif(https,http)]"
   default_backend app
 backend app
-  server app 127.0.0.1:{app_port}
-"""
+  server app {app}
+{haproxy_l4(l4)}"""
 
 
-def sidecar_conf(admin, port, app_port, tls=None):
-    tls_in = (f"  - {{ name: web-tls, listen: 127.0.0.1:{tls['port']}, protocol: http, "
+def sidecar_conf(admin, port, app, tls=None, l4=None):
+    extra = (f"  - {{ name: web-tls, listen: 127.0.0.1:{tls['port']}, protocol: http, "
               f"tls: {{ cert: {tls['cert']}, key: {tls['key']} }} }}\n" if tls else "")
+    # Sidecar's L4 relay: its own `protocol: tcp` listener, same runtime and worker
+    extra += (f"  - {{ name: l4, listen: 127.0.0.1:{l4['port']}, protocol: tcp, target: {l4['target']} }}\n"
+               if l4 else "")
     return f"""admin: {{ listen: 127.0.0.1:{admin} }}
-app: {{ address: 127.0.0.1:{app_port}, http: http1 }}
+app: {{ address: {app}, http: http1 }}
 inbound:
   - {{ name: web, listen: 127.0.0.1:{port}, protocol: http }}
-{tls_in}telemetry: {{ log_level: warn, access_log: {{ enabled: false }} }}
+{extra}telemetry: {{ log_level: warn, access_log: {{ enabled: false }} }}
 runtime: {{ worker_threads: 1 }}
 """

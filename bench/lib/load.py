@@ -10,7 +10,7 @@ import subprocess
 import time
 
 from procs import LOAD_CPU, LUA, children_cpu, cpu_busy, cpu_seconds, cpu_split
-from targets import Env
+from targets import Env, key
 
 def run_cmd(cmd, timeout, preload=None):
     env = dict(os.environ, LD_PRELOAD=preload) if preload else None
@@ -90,8 +90,22 @@ def to_ms(s):
 WORKLOADS = [
     ("small", "Small GETs (12 B), 64 keep-alive connections, wrk -t1 -c64", "wrk",
      dict(path="/", conns=64, secs=(8, 3))),
+    # The same load through a TCP relay in each proxy (Sidecar `protocol: tcp`, HAProxy `mode tcp`,
+    # nginx `stream`), same core: what the kernel and the relaying cost, without HTTP.
+    ("floor", "L4 relay floor: small GETs as above through each proxy's TCP relay (Sidecar `protocol: tcp`, "
+     "HAProxy `mode tcp`, nginx `stream`), wrk -t1 -c64", "wrk",
+     dict(path="/", conns=64, secs=(8, 3), l4=True)),
     ("rate", "Fixed rate 2,000 req/s, 16 keep-alive connections (h2load --h1 --rps 125 -c16)", "rate",
      dict(path="/", clients=16, rps_each=125, secs=(10, 4))),
+    # A rate no proxy saturates (each does 70-110k/s on its core): CPU per request where a
+    # sidecar usually runs, not at a full core. 64 x 313 = 20,032 req/s.
+    ("rate20k", "Fixed rate 20,000 req/s, 64 keep-alive connections (h2load --h1 --rps 313 -c64)", "rate",
+     dict(path="/", clients=64, rps_each=313, secs=(10, 4))),
+    # Every proxy reaches the app over the same Unix socket (a second process of each proxy, whose
+    # config differs only in the upstream); wrk still speaks TCP to the proxy.
+    ("unix", "Small GETs (12 B), 64 keep-alive connections, proxy to the app over a Unix socket "
+     "(wrk -t1 -c64; the direct row is the app over TCP)", "wrk",
+     dict(path="/", conns=64, secs=(8, 3), via="unix")),
     ("1k", "1 KiB bodies, 64 keep-alive connections (wrk)", "wrk",
      dict(path="/1k", conns=64, secs=(5, 2))),
     ("1m", "1 MiB bodies, 16 keep-alive connections (wrk)", "wrk",
@@ -181,7 +195,7 @@ class CpuQuota:
 
 def run_workload(env: Env, target: str, wl, quick: bool, tmp: str, warm: bool = True):
     if wl[3].get("quota"):
-        with CpuQuota(env.pids(target), wl[3]["quota"]):
+        with CpuQuota(env.pids(target, wl[3].get("via")), wl[3]["quota"]):
             return measure_workload(env, target, wl, quick, tmp, warm)
     return measure_workload(env, target, wl, quick, tmp, warm)
 
@@ -189,12 +203,14 @@ def run_workload(env: Env, target: str, wl, quick: bool, tmp: str, warm: bool = 
 def measure_workload(env: Env, target: str, wl, quick: bool, tmp: str, warm: bool = True):
     name, _title, kind, p = wl
     secs = p["secs"][1 if quick else 0]
+    scheme = "http"
     if p.get("tls"):
         port, h2port = env.tls_ports[target]
         scheme = "https"
+    elif p.get("l4"):
+        port = h2port = env.l4_ports[target]
     else:
-        port, h2port = env.ports[target]
-        scheme = "http"
+        port, h2port = env.ports[key(target, p.get("via"))]
     url = f"{scheme}://127.0.0.1:{port}{p['path']}"
     h2url = f"{scheme}://127.0.0.1:{h2port}{p['path']}"
     # wrk and h2load resume TLS sessions on reconnect; the shim makes every handshake a full one
@@ -207,7 +223,7 @@ def measure_workload(env: Env, target: str, wl, quick: bool, tmp: str, warm: boo
             h2load(url, p["clients"], 1, 1, extra=["--h1", f"--rps={p['rps_each']}"])
         elif kind == "h2":
             h2load(h2url, p["clients"], p["streams"], 1)
-    pids = env.pids(target)
+    pids = env.pids(target, p.get("via"))
     ours = pids + env.pids("app")
     u0, s0 = cpu_split(pids)
     c0, b0, o0, l0, t0 = cpu_seconds(pids), cpu_busy(), cpu_seconds(ours), children_cpu(), time.monotonic()

@@ -66,13 +66,27 @@ def build_report(data):
     def vals(t, w, k):
         return [r[k] if r.get(k) is not None else None for r in runs.get(t, {}).get(w, [])]
 
+    def paired(ta, wa, tb, wb, k, op):
+        """op(a, b) of the figure k of (ta, wa) and (tb, wb) measured in the same round."""
+        b = {r.get("round", i): r.get(k) for i, r in enumerate(runs.get(tb, {}).get(wb, []))}
+        out = []
+        for i, r in enumerate(runs.get(ta, {}).get(wa, [])):
+            x, y = r.get(k), b.get(r.get("round", i))
+            if x is not None and y is not None and x == x and y == y:
+                out.append(op(x, y))
+        return out
+
     def added(t, w, k):
-        a, d = runs.get(t, {}).get(w, []), runs.get("direct", {}).get(w, [])
-        return [x[k] - y[k] for x, y in zip(a, d) if x.get(k) == x.get(k) and y.get(k) == y.get(k)]
+        return paired(t, w, "direct", w, k, lambda x, y: x - y)
+
+    extra = {"floor": floor_report, "rate20k": rate20k_report, "unix": unix_report}
+    untabled = []  # targets left out of a workload that has no table
 
     for wl in WORKLOADS:
         w = wl[0]
         if w in TLS_WORKLOADS or not any(runs.get(t, {}).get(w) for t in targets):
+            for t, why in data.get("skipped", {}).get(w, {}).items():  # no table to put it under
+                untabled.append(f"{w}: {t} not run: {why}")
             continue
         L.append(f"## {wl[1]}")
         L.append("")
@@ -98,6 +112,11 @@ def build_report(data):
                     str(sum(r["errors"] for r in rs))]
             L.append("| " + " | ".join(row) + " |")
         L.append("")
+        for t, why in data.get("skipped", {}).get(w, {}).items():
+            L.append(f"Not run: **{t}**: {why}.")
+            L.append("")
+        if w in extra:
+            extra[w](L, data, vals, paired, added)
 
     if runs.get("nginx", {}).get("small") or runs.get("sidecar", {}).get("small"):
         L.append("## CPU split, small GETs at 64 connections (CPU-s per 100k requests)")
@@ -161,11 +180,87 @@ def build_report(data):
             bar("peak RSS under 64-conn load ≤ 24 MiB", f"{peak/1024:.1f} MiB", peak / 1024 <= 24)
         bar("RSS flat over a 5-minute soak (≤ 10% growth after warm-up)", "see `bench/run --soak`", None)
         L.append("")
-    errs = data.get("notes", [])
+    errs = data.get("notes", []) + untabled
     if errs:
         L.append("Notes: " + "; ".join(errs))
         L.append("")
     return "\n".join(L)
+
+
+def floor_report(L, data, vals, paired, _added):
+    """Each proxy's CPU per small GET over HTTP against an L4 relay on the same load: the part
+    of its cost that is HTTP work rather than the kernel's TCP and the relaying."""
+    runs, targets = data["runs"], data["targets"]
+    rows = [t for t in targets if t != "direct" and runs.get(t, {}).get("small")]
+    if not rows:
+        return
+    L.append("### HTTP work over the L4 floor (CPU-s per 100k requests, small GETs at 64 connections)")
+    L.append("")
+    L.append("HTTP: the small-GET workload. Own floor: the proxy's own TCP relay (Sidecar `protocol: tcp`, "
+             "nginx `stream`, HAProxy `mode tcp`) on the same load and core; HAProxy's is also set beside every "
+             "proxy as the leanest relay here. Ratios and differences are taken within each round, then the median.")
+    L.append("")
+    L.append("| proxy | HTTP | own L4 floor | HTTP ÷ own floor | HTTP − own floor | HAProxy L4 floor | HTTP ÷ HAProxy floor |")
+    L.append("|---|---|---|---|---|---|---|")
+    k = "cpu_per_100k"
+    for t in rows:
+        nr = len(runs[t]["small"])
+        own = vals(t, "floor", k)
+        row = [t, cell(vals(t, "small", k), fmt_f, nr), cell(own, fmt_f, len(own))]
+        row += [cell(paired(t, "small", t, "floor", k, lambda a, b: a / b), lambda x: f"{x:.2f}×", nr),
+                cell(paired(t, "small", t, "floor", k, lambda a, b: a - b), lambda x: f"{x:+.2f}", nr)]
+        hf = vals("haproxy", "floor", k)
+        row += [cell(hf, fmt_f, len(hf)),
+                cell(paired(t, "small", "haproxy", "floor", k, lambda a, b: a / b), lambda x: f"{x:.2f}×", nr)]
+        L.append("| " + " | ".join(row) + " |")
+    L.append("")
+
+
+def rate20k_report(L, data, vals, paired, added):
+    """CPU per request at a rate no proxy saturates, beside the saturated small-GET figure."""
+    runs, targets = data["runs"], data["targets"]
+    rows = [t for t in targets if t != "direct" and runs.get(t, {}).get("rate20k")]
+    if not rows:
+        return
+    L.append("### CPU at 20,000 req/s against a saturated core (CPU-s per 100k requests)")
+    L.append("")
+    L.append("Saturated: the small-GET workload (64 connections, as fast as the proxy goes). "
+             "Core busy: the proxy's CPU-seconds over the run's wall time.")
+    L.append("")
+    L.append("| proxy | at 20k req/s | ×nginx | core busy at 20k | saturated | 20k ÷ saturated | p50 added at 20k ms "
+             "| p99 added at 20k ms |")
+    L.append("|---|---|---|---|---|---|---|---|")
+    k = "cpu_per_100k"
+    for t in rows:
+        nr = len(runs[t]["rate20k"])
+        cpu = vals(t, "rate20k", k)
+        row = [t, cell(cpu, fmt_f, nr), ratio(med(cpu), med(vals("nginx", "rate20k", k))),
+               cell([x * 100 if x is not None else None for x in vals(t, "rate20k", "busy")], lambda x: f"{x:.0f}%", nr),
+               cell(vals(t, "small", k), fmt_f, len(vals(t, "small", k))),
+               cell(paired(t, "rate20k", t, "small", k, lambda a, b: a / b), lambda x: f"{x:.2f}×", nr)]
+        row += [cell(added(t, "rate20k", q), lambda x: fmt_ms(x, True), nr) for q in ("p50", "p99")]
+        L.append("| " + " | ".join(row) + " |")
+    L.append("")
+
+
+def unix_report(L, data, vals, paired, _added):
+    """The same small GETs with the proxy reaching the app over a Unix socket instead of TCP."""
+    runs, targets = data["runs"], data["targets"]
+    rows = [t for t in targets if t != "direct" and runs.get(t, {}).get("unix") and runs[t].get("small")]
+    if not rows:
+        return
+    L.append("### Unix socket against TCP to the app (small GETs at 64 connections, same rounds)")
+    L.append("")
+    L.append("| proxy | CPU-s/100k, TCP to app | CPU-s/100k, Unix socket | Unix ÷ TCP, CPU | Unix ÷ TCP, req/s |")
+    L.append("|---|---|---|---|---|")
+    k = "cpu_per_100k"
+    for t in rows:
+        nr = len(runs[t]["unix"])
+        row = [t, cell(vals(t, "small", k), fmt_f, len(vals(t, "small", k))), cell(vals(t, "unix", k), fmt_f, nr),
+               cell(paired(t, "unix", t, "small", k, lambda a, b: a / b), lambda x: f"{x:.2f}×", nr),
+               cell(paired(t, "unix", t, "small", "rps", lambda a, b: a / b), lambda x: f"{x:.2f}×", nr)]
+        L.append("| " + " | ".join(row) + " |")
+    L.append("")
 
 
 def tls_report(L, data, vals):

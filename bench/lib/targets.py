@@ -1,5 +1,7 @@
 """The targets: the app (its own nginx) and the proxies, each started from its config in its
-own directory under the run's temp dir, pinned to its CPU, checked, and stopped by pid.
+own directory under the run's temp dir, pinned to its CPU, checked, and stopped by pid. A
+workload may ask for a variant of the proxies (`via`): a second process of each, whose only
+difference is the upstream (the `unix` workload: the app's Unix socket).
 
 Not responsible for load (load.py) nor for config text (configs.py)."""
 from __future__ import annotations
@@ -10,24 +12,39 @@ import signal
 import subprocess
 import urllib.request
 
-from configs import BODY_SMALL, app_conf, haproxy_conf, nginx_proxy_conf, sidecar_conf
+from configs import BODY_SMALL, app_conf, haproxy_conf, nginx_proxy_conf, nginx_stream, sidecar_conf
 from procs import HERE, LOAD_CPU, PROXY_CPU, Procs, children_tree, free_port, http_get, wait_http_200, wait_tcp
 
 TARGETS = ["direct", "sidecar", "nginx", "haproxy"]
 PROXIES = ["sidecar", "nginx", "haproxy"]
 
 
-class Env:
-    """The app plus the proxies, each in its own directory under one temp dir."""
+def key(target, via=None):
+    """The process (and directory, and ports) of `target` in variant `via`; the app direct has none."""
+    return target if not via or target == "direct" else f"{target}-{via}"
 
-    def __init__(self, tmp, sidecar_bin, procs: Procs, tls=False):
+
+class Env:
+    """The app plus the proxies, each in its own directory under one temp dir.
+
+    tls: the TLS listeners (issue 5); l4: a TCP relay listener in each proxy (the `floor`
+    workload); unix: the app also on a Unix socket, and a variant `unix` of each proxy that
+    reaches it there (the `unix` workload). `skip[workload][target]` says why a target cannot
+    run a workload here (no nginx `stream` module; a Sidecar that refuses `unix:` addresses)."""
+
+    def __init__(self, tmp, sidecar_bin, procs: Procs, tls=False, l4=False, unix=False):
         self.tmp, self.bin, self.procs = tmp, sidecar_bin, procs
         self.app_port, self.app_h2 = free_port(), free_port()
         self.ports = {"direct": (self.app_port, self.app_h2)}
-        for t in PROXIES:
-            self.ports[t] = (free_port(), free_port())
-        self.sidecar_admin = free_port()
-        self.ports["sidecar"] = (self.ports["sidecar"][0], self.ports["sidecar"][0])  # one port: h1 + h2c
+        self.admin = {}  # Sidecar's admin port, per process
+        self.skip: dict[str, dict[str, str]] = {}
+        variants = [None] + (["unix"] if unix else [])
+        for via in variants:
+            for t in PROXIES:
+                self.ports[key(t, via)] = (free_port(), free_port())
+            k = key("sidecar", via)
+            self.ports[k] = (self.ports[k][0], self.ports[k][0])  # one port: h1 + h2c
+            self.admin[k] = free_port()
         self.proc: dict[str, subprocess.Popen] = {}
         # TLS listeners (issue 5), only when TLS workloads run: same certificate in every proxy
         self.tls = self.make_tls() if tls else None
@@ -35,6 +52,15 @@ class Env:
         if tls:  # Sidecar and HAProxy: one TLS port, ALPN h2 and http/1.1; nginx: h2 on a second one
             for t in ("sidecar", "haproxy"):
                 self.tls_ports[t] = (self.tls_ports[t][0], self.tls_ports[t][0])
+        # L4 relay listeners (the floor), only when that workload runs; the direct row is the app
+        self.l4_ports, self.stream_module = {}, None
+        if l4:
+            self.l4_ports = {"direct": self.app_port, **{t: free_port() for t in PROXIES}}
+            self.stream_module, why = nginx_stream()
+            if why:
+                self.skip.setdefault("floor", {})["nginx"] = why
+                del self.l4_ports["nginx"]
+        self.app_sock = os.path.join(tmp, "app", "app.sock") if unix else None
 
     def make_tls(self):
         """A dev CA and an ECDSA P-256 server certificate, made by Sidecar itself; a no-resumption
@@ -64,6 +90,17 @@ class Env:
             return None
         return dict(self.tls, port=self.tls_ports[name][0], h2port=self.tls_ports[name][1])
 
+    def l4_of(self, name):
+        if name not in self.l4_ports:
+            return None
+        return {"port": self.l4_ports[name], "target": f"127.0.0.1:{self.app_port}"}
+
+    def upstream(self, name, via=None):
+        """The app's address in `name`'s config syntax."""
+        if via == "unix":
+            return self.app_sock if name == "haproxy" else f"unix:{self.app_sock}"
+        return f"127.0.0.1:{self.app_port}"
+
     def _dir(self, name):
         d = os.path.join(self.tmp, name)
         os.makedirs(d, exist_ok=True)
@@ -79,7 +116,7 @@ class Env:
             f.write(b"b" * (1024 * 1024 - 1) + b"\n")
         conf = os.path.join(d, "nginx.conf")
         with open(conf, "w") as f:
-            f.write(app_conf(d, self.app_port, self.app_h2))
+            f.write(app_conf(d, self.app_port, self.app_h2, self.app_sock))
         p = self.procs.start(["nginx", "-p", d, "-c", conf, "-e", f"{d}/error.log", "-g", "daemon off;"],
                              os.path.join(d, "out.log"), cpu=LOAD_CPU)
         wait_tcp(self.app_port, proc=p)
@@ -91,53 +128,88 @@ class Env:
                 raise RuntimeError(f"app {path}: status {st}, {len(body)} bytes, wanted {n}")
         st, body = http_get(base + "/")
         assert body == BODY_SMALL, body
+        if self.app_sock:
+            self.check_sidecar_unix()
 
-    def start(self, name):
-        d = self._dir(name)
-        port, h2 = self.ports[name]
+    def check_sidecar_unix(self):
+        """`sidecar check` on the unix variant's config: a Sidecar without `unix:` app addresses
+        refuses it, and the `unix` workload then runs without Sidecar (noted in the report)."""
+        conf = self.write_conf("sidecar", "unix")
+        r = subprocess.run([self.bin, "check", "-c", conf], capture_output=True, text=True, timeout=30)
+        if r.returncode != 0:
+            why = " ".join((r.stderr + r.stdout).replace(conf + ":", "").split())[:300]
+            self.skip.setdefault("unix", {})["sidecar"] = (
+                f"`sidecar check` refuses its config with `app.address: unix:{self.app_sock}`: {why}")
+
+    def write_conf(self, name, via=None):
+        """Writes the config of `name` (variant `via`) into its directory; returns its path."""
+        k = key(name, via)
+        d = self._dir(k)
+        port, h2 = self.ports[k]
+        tls = None if via else self.tls_of(name)
+        l4 = None if via else self.l4_of(name)
+        app = self.upstream(name, via)
         if name == "nginx":
-            conf = os.path.join(d, "nginx.conf")
-            with open(conf, "w") as f:
-                f.write(nginx_proxy_conf(d, port, h2, self.app_port, self.tls_of(name)))
+            conf, text = "nginx.conf", nginx_proxy_conf(d, port, h2, app, tls, l4, self.stream_module if l4 else "")
+        elif name == "haproxy":
+            conf, text = "haproxy.cfg", haproxy_conf(d, port, h2, app, tls, l4)
+        elif name == "sidecar":
+            conf, text = "sidecar.yaml", sidecar_conf(self.admin[k], port, app, tls, l4)
+        else:
+            raise ValueError(name)
+        conf = os.path.join(d, conf)
+        with open(conf, "w") as f:
+            f.write(text)
+        return conf
+
+    def start(self, name, via=None):
+        k = key(name, via)
+        d = self._dir(k)
+        conf = self.write_conf(name, via)
+        port, h2 = self.ports[k]
+        if name == "nginx":
             p = self.procs.start(["nginx", "-p", d, "-c", conf, "-e", f"{d}/error.log", "-g", "daemon off;"],
                                  os.path.join(d, "out.log"), cpu=PROXY_CPU)
+            self.proc[k] = p  # stopped by stop() even if it never opens its ports
             wait_tcp(port, proc=p)
             wait_tcp(h2, proc=p)
         elif name == "haproxy":
-            conf = os.path.join(d, "haproxy.cfg")
-            with open(conf, "w") as f:
-                f.write(haproxy_conf(d, port, h2, self.app_port, self.tls_of(name)))
             p = self.procs.start(["haproxy", "-db", "-f", conf], os.path.join(d, "out.log"), cpu=PROXY_CPU)
+            self.proc[k] = p
             wait_tcp(port, proc=p)
             wait_tcp(h2, proc=p)
-        elif name == "sidecar":
-            conf = os.path.join(d, "sidecar.yaml")
-            with open(conf, "w") as f:
-                f.write(sidecar_conf(self.sidecar_admin, port, self.app_port, self.tls_of(name)))
-            p = self.procs.start([self.bin, "run", "-c", conf], os.path.join(d, "out.log"), cpu=PROXY_CPU)
-            wait_http_200(f"http://127.0.0.1:{self.sidecar_admin}/ready", proc=p)
         else:
-            raise ValueError(name)
-        if self.tls:
+            p = self.procs.start([self.bin, "run", "-c", conf], os.path.join(d, "out.log"), cpu=PROXY_CPU)
+            self.proc[k] = p
+            wait_http_200(f"http://127.0.0.1:{self.admin[k]}/ready", proc=p)
+        if self.tls and not via:
             for tp in set(self.tls_ports[name]):
                 wait_tcp(tp, proc=p)
-        self.proc[name] = p
+        if self.l4_of(name) and not via:
+            wait_tcp(self.l4_ports[name], proc=p)
         return p
 
-    def pids(self, name):
+    def pids(self, name, via=None):
         if name == "direct":
             return []
         if name == "app":
             return children_tree(self.proc["direct"].pid)
-        return children_tree(self.proc[name].pid)
+        return children_tree(self.proc[key(name, via)].pid)
 
-    def check(self, name):
-        """One request per body through the proxy: right status and length (after idle RSS)."""
-        port = self.ports[name][0]
+    def check(self, name, via=None):
+        """One request per body through the proxy: right status and length (after idle RSS); one
+        through its TLS and L4 listeners."""
+        port = self.ports[key(name, via)][0]
         for path, n in (("/", 12), ("/1k", 1024), ("/1m", 1024 * 1024)):
             st, body = http_get(f"http://127.0.0.1:{port}{path}")
             if st != 200 or len(body) != n:
-                raise RuntimeError(f"{name} {path}: status {st}, {len(body)} bytes, wanted {n}")
+                raise RuntimeError(f"{key(name, via)} {path}: status {st}, {len(body)} bytes, wanted {n}")
+        if via:
+            return
+        if self.l4_of(name):
+            st, body = http_get(f"http://127.0.0.1:{self.l4_ports[name]}/")
+            if st != 200 or body != BODY_SMALL:
+                raise RuntimeError(f"{name} L4 port: status {st}, body {body[:40]!r}")
         if self.tls:
             import ssl
             ctx = ssl.create_default_context(cafile=self.tls["ca"])
@@ -162,8 +234,7 @@ class Env:
                 "sig": grab(r"Peer signature type: (\S+)") + "+" + grab(r"Peer signing digest: (\S+)"),
                 "verify": grab(r"Verify return code: ([^\n]+)")}
 
-    def stop(self, name):
-        p = self.proc.pop(name, None)
+    def stop(self, name, via=None):
+        p = self.proc.pop(key(name, via), None)
         if p is not None:
             self.procs.stop(p, signal.SIGQUIT if name == "nginx" else signal.SIGTERM)
-
