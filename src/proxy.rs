@@ -5,6 +5,7 @@
 pub mod body;
 pub mod connect;
 pub mod error;
+pub mod h1;
 pub mod headers;
 pub mod pool;
 

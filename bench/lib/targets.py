@@ -4,7 +4,8 @@ workload may ask for a variant of the proxies (`via`): a second process of each,
 difference is the upstream (the `unix` workload: the app's Unix socket).
 
 Not responsible for load (load.py) nor for config text (configs.py)."""
-from __future__ import annotations
+from __future__ import time
+import annotations
 
 import os
 import re
@@ -207,7 +208,16 @@ class Env:
         if via:
             return
         if self.l4_of(name):
-            st, body = http_get(f"http://127.0.0.1:{self.l4_ports[name]}/")
+            # Retried: right after a `close` workload the machine may briefly lack ephemeral
+            # ports for the relay's own dial (seen once as a reset here).
+            for attempt in range(3):
+                try:
+                    st, body = http_get(f"http://127.0.0.1:{self.l4_ports[name]}/")
+                    break
+                except OSError:
+                    if attempt == 2:
+                        raise
+                    time.sleep(0.5)
             if st != 200 or body != BODY_SMALL:
                 raise RuntimeError(f"{name} L4 port: status {st}, body {body[:40]!r}")
         if self.tls:

@@ -30,13 +30,13 @@ use super::sticky::Sticky;
 use super::supervise::{Ended, supervise};
 use crate::config::{HttpVersion, Limits};
 use crate::drain::DrainWatch;
-use crate::proxy::body::{BodyStats, OnEnd, RequestBody, ResponseBody};
+use crate::proxy::body::{BodyStats, OnEnd, RequestBody, ResponseBody, Upstream};
 use crate::proxy::error::ProxyError;
 use crate::proxy::headers::{
     Forwarding, X_CLIENT_IDENTITY, X_FORWARDED_CLIENT_CERT, sanitize_request, strip_hop_by_hop,
     to_absolute_form, to_origin_form, wants_upgrade,
 };
-use crate::proxy::pool::{Checkout, Proto};
+use crate::proxy::pool::{H1Conn, Proto};
 use crate::proxy::{H2_CONNECTION_WINDOW, H2_MAX_SEND_BUF, H2_STREAM_WINDOW};
 use crate::telemetry::access_log::{AccessRecord, trace_id};
 use crate::tls::PeerIdentity;
@@ -248,7 +248,6 @@ struct RequestEnd {
     trace_id: Option<Box<str>>,
     error: Option<&'static str>,
     req_stats: Option<Arc<BodyStats>>,
-    checkout: Option<Checkout>,
 }
 
 impl RequestEnd {
@@ -265,23 +264,20 @@ impl RequestEnd {
             trace_id: if logging { trace_id(req.headers().get("traceparent")) } else { None },
             error: None,
             req_stats: None,
-            checkout: None,
         }
     }
 }
 
 impl OnEnd for RequestEnd {
-    fn on_end(self, bytes_out: u64, complete: bool) {
+    fn on_end(self, bytes_out: u64, complete: bool, reusable: Option<H1Conn>) {
         let conn = &self.conn;
         conn.state.in_flight.fetch_sub(1, Ordering::Relaxed);
         let elapsed = self.start.elapsed();
         conn.listener.metrics.request(self.status, elapsed);
-        if let Some(checkout) = self.checkout {
-            // Reusable only when both bodies went through whole; otherwise hyper is
-            // closing the connection, and dropping the checkout lets it.
-            if let Some(app_conn) = checkout.reusable(self.req_stats.as_deref(), complete) {
-                conn.sticky.keep(app_conn);
-            }
+        // Given only when both bodies went through whole and the app keeps it open;
+        // otherwise it was dropped, which closed it.
+        if let Some(app_conn) = reusable {
+            conn.sticky.keep(app_conn);
         }
         let access_log = &conn.listener.access_log;
         if access_log.enabled() {
@@ -324,10 +320,7 @@ async fn handle(req: Request<Incoming>, conn: Arc<Conn>) -> Response<Body> {
     };
     let client_upgrade = prepared.client_upgrade.is_some();
     match send(prepared.req, prepared.proto, client_upgrade, &conn, &end).await {
-        Ok((resp, checkout)) => {
-            end.checkout = checkout;
-            respond(resp, prepared.client_upgrade, &conn, end)
-        }
+        Ok(resp) => respond(resp, prepared.client_upgrade, &conn, end),
         Err(e) => local_reply(end, &e),
     }
 }
@@ -392,16 +385,16 @@ async fn send(
     upgrade: bool,
     conn: &Conn,
     end: &RequestEnd,
-) -> Result<(Response<Incoming>, Option<Checkout>), ProxyError> {
+) -> Result<Response<Upstream>, ProxyError> {
     let l = &conn.listener;
     let connect_timeout = l.config.connect_timeout;
     let send = async {
         if upgrade {
-            Box::pin(l.app_h1.send_upgrade(req, connect_timeout)).await.map(|r| (r, None))
+            Box::pin(l.app_h1.send_upgrade(req, connect_timeout)).await.map(|r| r.map(Upstream::Hyper))
         } else if proto == Proto::Http2 {
-            l.app_h2.send_h2(req, connect_timeout).await.map(|r| (r, None))
+            l.app_h2.send_h2(req, connect_timeout).await.map(|r| r.map(Upstream::Hyper))
         } else {
-            l.app_h1.send_h1(req, conn.sticky.take(), connect_timeout).await.map(|(r, c)| (r, Some(c)))
+            l.app_h1.send_h1(req, conn.sticky.take(), connect_timeout).await.map(|r| r.map(Upstream::H1))
         }
     };
     let timeout = l.config.request_timeout;
@@ -425,7 +418,7 @@ async fn send(
 /// hop-by-hop headers out, `Connection: close` during a drain, the body wrapped so the
 /// request's end is noticed.
 fn respond(
-    mut resp: Response<Incoming>,
+    mut resp: Response<Upstream>,
     client_upgrade: Option<hyper::upgrade::OnUpgrade>,
     conn: &Conn,
     mut end: RequestEnd,

@@ -10,6 +10,8 @@ use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 
+use super::h1::{self, H1Conn};
+
 /// What the request path learns about a request body while hyper streams it to the app.
 #[derive(Debug, Default)]
 pub struct BodyStats {
@@ -77,9 +79,19 @@ impl Body for RequestBody {
     }
 }
 
-/// Called once when a response body has been sent whole (`complete`) or dropped early.
+/// Called once when a response body has been sent whole (`complete`) or dropped early,
+/// with the app connection when it can carry another request.
 pub trait OnEnd: Send + Unpin + 'static {
-    fn on_end(self, bytes_out: u64, complete: bool);
+    fn on_end(self, bytes_out: u64, complete: bool, reusable: Option<H1Conn>);
+}
+
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// The app's response body as it arrives: over a pooled HTTP/1.1 connection (`proxy::h1`),
+/// or from hyper (HTTP/2, and HTTP/1.1 connections that switched protocols).
+pub enum Upstream {
+    H1(h1::Body),
+    Hyper(Incoming),
 }
 
 /// A response on its way to the client: the app's streamed body or a short local reply.
@@ -90,12 +102,12 @@ pub struct ResponseBody<E: OnEnd> {
 }
 
 enum Kind {
-    Stream(Incoming),
+    Stream(Upstream),
     Full(Option<Bytes>),
 }
 
 impl<E: OnEnd> ResponseBody<E> {
-    pub fn stream(inner: Incoming, end: E) -> Self {
+    pub fn stream(inner: Upstream, end: E) -> Self {
         let mut b = ResponseBody { kind: Kind::Stream(inner), bytes_out: 0, end: Some(end) };
         b.finish_if_empty();
         b
@@ -116,22 +128,31 @@ impl<E: OnEnd> ResponseBody<E> {
 
     fn finish(&mut self, complete: bool) {
         if let Some(end) = self.end.take() {
-            end.on_end(self.bytes_out, complete);
+            let reusable = match &mut self.kind {
+                Kind::Stream(Upstream::H1(b)) if complete => b.take_reusable(),
+                _ => None,
+            };
+            end.on_end(self.bytes_out, complete, reusable);
         }
     }
 }
 
 impl<E: OnEnd> Body for ResponseBody<E> {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BoxError;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = &mut *self;
-        let res = match &mut this.kind {
-            Kind::Stream(inner) => ready!(Pin::new(inner).poll_frame(cx)),
+        let res: Option<Result<Frame<Bytes>, BoxError>> = match &mut this.kind {
+            Kind::Stream(Upstream::H1(inner)) => {
+                ready!(Pin::new(inner).poll_frame(cx)).map(|r| r.map_err(Into::into))
+            }
+            Kind::Stream(Upstream::Hyper(inner)) => {
+                ready!(Pin::new(inner).poll_frame(cx)).map(|r| r.map_err(Into::into))
+            }
             Kind::Full(data) => data.take().map(|d| Ok(Frame::data(d))),
         };
         match &res {
@@ -151,14 +172,16 @@ impl<E: OnEnd> Body for ResponseBody<E> {
 
     fn is_end_stream(&self) -> bool {
         match &self.kind {
-            Kind::Stream(inner) => inner.is_end_stream(),
+            Kind::Stream(Upstream::H1(inner)) => inner.is_end_stream(),
+            Kind::Stream(Upstream::Hyper(inner)) => inner.is_end_stream(),
             Kind::Full(data) => data.is_none(),
         }
     }
 
     fn size_hint(&self) -> SizeHint {
         match &self.kind {
-            Kind::Stream(inner) => inner.size_hint(),
+            Kind::Stream(Upstream::H1(inner)) => inner.size_hint(),
+            Kind::Stream(Upstream::Hyper(inner)) => inner.size_hint(),
             Kind::Full(data) => SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64)),
         }
     }
@@ -183,7 +206,7 @@ mod tests {
     struct Record(Arc<Mutex<Vec<(u64, bool)>>>);
 
     impl OnEnd for Record {
-        fn on_end(self, bytes_out: u64, complete: bool) {
+        fn on_end(self, bytes_out: u64, complete: bool, _: Option<H1Conn>) {
             self.0.lock().unwrap().push((bytes_out, complete));
         }
     }

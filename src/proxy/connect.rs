@@ -28,6 +28,9 @@ pub enum PoolError {
     Handshake { addr: Addr, source: hyper::Error },
     #[error("request to {addr}: {source}")]
     Send { addr: Addr, source: hyper::Error, sent: bool },
+    /// An HTTP/1.1 exchange on a pooled connection (`proxy::h1`).
+    #[error("request to {addr}: {source}")]
+    Exchange { addr: Addr, source: super::h1::Error, sent: bool },
 }
 
 impl PoolError {
@@ -39,7 +42,7 @@ impl PoolError {
             PoolError::Connect { .. } | PoolError::ConnectTimeout { .. } | PoolError::Handshake { .. } => {
                 true
             }
-            PoolError::Send { sent, .. } => !sent,
+            PoolError::Send { sent, .. } | PoolError::Exchange { sent, .. } => !sent,
         }
     }
 
@@ -51,6 +54,10 @@ impl PoolError {
             PoolError::Connect { .. } | PoolError::Handshake { .. } => "app_connect_error",
             PoolError::ConnectTimeout { .. } => "app_connect_timeout",
             PoolError::Send { .. } => "app_reset",
+            PoolError::Exchange { source, .. } => match source {
+                super::h1::Error::Response(_) | super::h1::Error::Chunk(_) => "app_invalid_response",
+                _ => "app_reset",
+            },
         }
     }
 }

@@ -2,9 +2,9 @@
 //! app), outbound one per address its discovery finds.
 //!
 //! An endpoint is keyed by (address, TLS server name and identity, protocol). HTTP/1.1
-//! connections are lent to one request at a time through a `Checkout`, which the response
-//! body holds and which gives the connection back only when both bodies went through whole;
-//! idle ones wait in a lock-free queue and are reaped on a timer. Each endpoint caps its
+//! connections (`proxy::h1`) are lent to one request at a time: the response body holds the
+//! connection and gives it back only when both bodies went through whole; idle ones wait in
+//! a lock-free queue and are reaped on a timer. Each endpoint caps its
 //! connections and its dials in flight: past the cap a request waits for a connection another
 //! request returns instead of opening its own. HTTP/2 shares one multiplexed connection per
 //! endpoint, replaced when it closes. The pool does not choose endpoints (balancing is the
@@ -23,8 +23,10 @@ use hyper::body::Incoming;
 use hyper::client::conn::http1;
 use tokio::sync::Notify;
 
-use super::body::{BodyStats, RequestBody};
+use super::body::RequestBody;
 pub use super::connect::{Connector, PoolError};
+pub use super::h1::H1Conn;
+use super::h1::{self, Outgoing};
 use crate::drain::DrainWatch;
 use crate::net::Addr;
 
@@ -43,11 +45,8 @@ const MAX_DIALS: usize = 16;
 const IDLE_TIMEOUT: Duration = Duration::from_secs(50);
 /// How often idle connections are checked for age and for the peer having closed them.
 const REAP_INTERVAL: Duration = Duration::from_secs(10);
-/// Largest buffer hyper keeps per upstream HTTP/1 connection. With the client side's, this
-/// bounds what one slow reader can make us hold: a slow-read attack cost 1.2 MiB per
-/// connection with hyper's 400 KiB default (issue 9, bug 9). Measured against 1 MiB bodies
-/// and 500 slow readers (ARCHITECTURE.md): 8 KiB halves large-body throughput, 32 KiB breaks
-/// the 64 MiB bound, 16 KiB keeps it at 0.71x nginx's large-body rate.
+/// Largest buffer hyper keeps on an upgrade (WebSocket) connection before the switch, as
+/// the lean client's read size (`h1::READ_SIZE`) bounds pooled ones (issue 9, bug 9).
 const H1_MAX_BUF: usize = 16 * 1024;
 
 /// Which protocol to speak to an endpoint.
@@ -97,20 +96,8 @@ struct Idle {
     since: Instant,
 }
 
-/// An HTTP/1.1 connection to an endpoint, between requests or lent to one.
-pub struct H1Conn {
-    send: http1::SendRequest<RequestBody>,
-    endpoint: Arc<Endpoint>,
-}
-
-/// A connection lent to one request, held by its response body. It comes back for reuse
-/// only when both bodies went through whole; dropped otherwise, which lets hyper close it.
-pub struct Checkout {
-    conn: H1Conn,
-}
-
-/// A slot in an endpoint's connection count, held by the connection's task.
-struct Slot(Arc<Endpoint>);
+/// A slot in an endpoint's connection count, held by the connection.
+pub(super) struct Slot(Arc<Endpoint>);
 
 impl Drop for Slot {
     fn drop(&mut self) {
@@ -203,7 +190,7 @@ impl Endpoint {
 
     /// Puts a connection that can take another request in the idle queue.
     pub fn put_idle(&self, conn: H1Conn) {
-        if conn.send.is_closed() {
+        if !conn.is_usable() {
             return;
         }
         // Full: close it rather than hoard (MAX_IDLE).
@@ -218,54 +205,39 @@ impl Endpoint {
     /// out on another, so a keep-alive timeout racing a request is not an error.
     pub async fn send_h1(
         self: &Arc<Self>,
-        mut req: Request<RequestBody>,
+        req: Request<RequestBody>,
         mut preferred: Option<H1Conn>,
         connect_timeout: Duration,
-    ) -> Result<(Response<Incoming>, Checkout), PoolError> {
+    ) -> Result<Response<h1::Body>, PoolError> {
+        let mut out = Outgoing::new(req);
         loop {
-            let mut ready = None;
-            if let Some(mut c) = preferred.take()
-                && c.send.ready().await.is_ok()
-            {
-                ready = Some(c);
-            }
-            if ready.is_none() {
-                ready = self.take_idle().await;
-            }
-            let (mut conn, reused) = match ready {
+            let ready = match preferred.take() {
+                Some(c) if c.is_usable() => Some(c),
+                _ => self.take_idle(),
+            };
+            let (conn, reused) = match ready {
                 Some(c) => (c, true),
                 // Boxed: the connect path is rare, and inline it would make every request's
                 // future (moved on each poll) several times larger.
                 None => Box::pin(self.checkout_new(connect_timeout)).await?,
             };
-            match conn.send.try_send_request(req).await {
-                Ok(resp) => return Ok((resp, Checkout { conn })),
-                Err(mut e) => match e.take_message() {
-                    // Never written: the pooled connection died under us. A fresh one is not
-                    // tried twice, so this loop ends.
-                    Some(back) if reused => req = back,
-                    back => {
-                        let sent = back.is_none();
-                        return Err(PoolError::Send {
-                            addr: self.key.addr.clone(),
-                            source: e.into_error(),
-                            sent,
-                        });
-                    }
-                },
+            match conn.send(out).await {
+                Ok(resp) => return Ok(resp),
+                // Never written: the pooled connection died under us. A fresh one is not
+                // tried twice, so this loop ends.
+                Err(h1::Failed { unsent: Some(back), .. }) if reused => out = back,
+                Err(h1::Failed { error, unsent }) => {
+                    let sent = unsent.is_none();
+                    return Err(PoolError::Exchange { addr: self.key.addr.clone(), source: error, sent });
+                }
             }
         }
     }
 
     /// An idle connection that can take a request now, skipping closed and stale ones.
-    async fn take_idle(&self) -> Option<H1Conn> {
-        while let Some(mut idle) = self.idle.pop() {
-            if idle.since.elapsed() > IDLE_TIMEOUT || idle.conn.send.is_closed() {
-                continue;
-            }
-            // Ready at once, or within a poll of the connection task finishing the last
-            // response; an error means the peer closed it.
-            if idle.conn.send.ready().await.is_ok() {
+    fn take_idle(&self) -> Option<H1Conn> {
+        while let Some(idle) = self.idle.pop() {
+            if idle.since.elapsed() <= IDLE_TIMEOUT && idle.conn.is_usable() {
                 return Some(idle.conn);
             }
         }
@@ -280,7 +252,7 @@ impl Endpoint {
             let mut returned = std::pin::pin!(returned);
             // Registered before looking, so a return between the look and the wait is seen.
             returned.as_mut().enable();
-            if let Some(c) = self.take_idle().await {
+            if let Some(c) = self.take_idle() {
                 return Ok((c, true));
             }
             if let Some((slot, dialing)) = self.reserve() {
@@ -314,20 +286,8 @@ impl Endpoint {
         connect_timeout: Duration,
     ) -> Result<H1Conn, PoolError> {
         let io = self.connector.connect(connect_timeout).await?;
-        let (send, conn) = http1::Builder::new()
-            .max_buf_size(H1_MAX_BUF)
-            .handshake(io)
-            .await
-            .map_err(|source| PoolError::Handshake { addr: self.key.addr.clone(), source })?;
         drop(dialing);
-        tokio::spawn(async move {
-            // The slot counts this connection until hyper is done with it.
-            let _slot = slot;
-            if let Err(e) = conn.await {
-                tracing::debug!(error = %e, "upstream connection ended");
-            }
-        });
-        Ok(H1Conn { send, endpoint: self.clone() })
+        Ok(H1Conn::new(io.into_inner(), self.clone(), slot))
     }
 
     /// Closes idle connections older than `max_age` or closed by the peer.
@@ -336,7 +296,7 @@ impl Endpoint {
         // meanwhile simply join the queue.
         for _ in 0..self.idle.len() {
             let Some(idle) = self.idle.pop() else { break };
-            if idle.since.elapsed() <= max_age && !idle.conn.send.is_closed() {
+            if idle.since.elapsed() <= max_age && idle.conn.is_usable() {
                 let _ = self.idle.push(idle);
             }
         }
@@ -394,34 +354,6 @@ impl Endpoint {
         match self.h2.known() {
             Some(v) => v,
             None => Box::pin(self.h2.probe(&self.connector, connect_timeout)).await,
-        }
-    }
-}
-
-impl H1Conn {
-    pub fn endpoint(&self) -> &Arc<Endpoint> {
-        &self.endpoint
-    }
-
-    /// Into its endpoint's idle queue, for any request to take.
-    pub fn return_to_pool(self) {
-        let endpoint = self.endpoint.clone();
-        endpoint.put_idle(self);
-    }
-}
-
-impl Checkout {
-    /// The connection back, when the request body (`sent`, if it had one) and the response
-    /// body both went through whole and hyper kept the connection open; `None` closes it.
-    pub fn reusable(self, request_body: Option<&BodyStats>, response_complete: bool) -> Option<H1Conn> {
-        let body_sent = request_body.is_none_or(|s| s.done.load(Ordering::Relaxed));
-        (response_complete && body_sent && !self.conn.send.is_closed()).then_some(self.conn)
-    }
-
-    /// Returns a reusable connection to its endpoint's idle queue.
-    pub fn release(self, request_body: Option<&BodyStats>, response_complete: bool) {
-        if let Some(conn) = self.reusable(request_body, response_complete) {
-            conn.return_to_pool();
         }
     }
 }
