@@ -4,8 +4,8 @@ workload may ask for a variant of the proxies (`via`): a second process of each,
 difference is the upstream (the `unix` workload: the app's Unix socket).
 
 Not responsible for load (load.py) nor for config text (configs.py)."""
-from __future__ import time
-import annotations
+from __future__ import annotations
+import time
 
 import os
 import re
