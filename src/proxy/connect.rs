@@ -13,10 +13,13 @@ use crate::net::{Addr, Stream};
 /// it after 1 s, which is exactly where a 1 s connect timeout fires: issue 9, bug 7) and an
 /// app that is restarting.
 const CONNECT_ATTEMPTS: u32 = 3;
-/// Pause before the second attempt, doubled for the third: long enough for a small accept
-/// queue to drain (a local app accepts in microseconds), short enough that an app that is
-/// down is reported within ~30 ms.
-const RETRY_BACKOFF: Duration = Duration::from_millis(10);
+/// Pause before the second attempt, doubled for the third, each jittered to ½–1½ times
+/// itself: long enough for a small accept queue to drain, short enough that an app that is
+/// down is reported within ~100 ms. The jitter matters more than the length: a burst of
+/// dials that lost their SYNs to a full backlog all time out together, and retried in the
+/// same millisecond they fill the backlog again (seen: 1 request in 8 failed its three
+/// attempts in the backlog-5 test with a fixed 10/20 ms pause).
+const RETRY_BACKOFF: Duration = Duration::from_millis(25);
 
 #[derive(Debug, thiserror::Error)]
 pub enum PoolError {
@@ -88,7 +91,7 @@ impl Connector {
                 Ok(io) => return Ok(io),
                 Err(e) if attempt < CONNECT_ATTEMPTS && retry_dial(&e) => {
                     tracing::debug!(error = %e, attempt, "connect failed; trying again");
-                    tokio::time::sleep(RETRY_BACKOFF * (1 << (attempt - 1))).await;
+                    tokio::time::sleep(jittered(RETRY_BACKOFF * (1 << (attempt - 1)))).await;
                     attempt += 1;
                 }
                 Err(e) => return Err(e),
@@ -103,6 +106,14 @@ impl Connector {
             Err(_) => Err(PoolError::ConnectTimeout { addr: self.addr.clone(), after: timeout }),
         }
     }
+}
+
+/// `d` scaled by a random factor in [0.5, 1.5). Seeded by std's per-instance random hasher
+/// keys: no RNG crate for a pause that only has to differ between concurrent dials.
+fn jittered(d: Duration) -> Duration {
+    use std::hash::{BuildHasher, Hasher};
+    let r = std::collections::hash_map::RandomState::new().build_hasher().finish();
+    d.mul_f64(0.5 + (r % 1024) as f64 / 1024.0)
 }
 
 /// Whether another dial may help: lost SYNs, a refused or reset connect (an app restarting
@@ -133,8 +144,16 @@ mod tests {
         let err = Connector::new(addr).connect(Duration::from_secs(1)).await.unwrap_err();
         assert_eq!(err.kind(), "app_connection_refused");
         assert!(err.is_retryable());
-        // Two pauses: 10 ms and 20 ms.
-        assert!(started.elapsed() >= Duration::from_millis(30), "{:?}", started.elapsed());
+        // Two pauses: 25 ms and 50 ms, each at least halved by the jitter.
+        assert!(started.elapsed() >= Duration::from_millis(37), "{:?}", started.elapsed());
+    }
+
+    #[test]
+    fn retry_pauses_are_jittered_within_half_and_one_and_a_half() {
+        let pauses: Vec<_> = (0..64).map(|_| jittered(Duration::from_millis(100))).collect();
+        assert!(pauses.iter().all(|p| *p >= Duration::from_millis(50) && *p < Duration::from_millis(150)));
+        let distinct: std::collections::HashSet<_> = pauses.iter().collect();
+        assert!(distinct.len() > 16, "not jittered: {pauses:?}");
     }
 
     #[tokio::test]
