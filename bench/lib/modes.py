@@ -115,7 +115,9 @@ SYSCALLS = [("read", 0), ("write", 1), ("readv", 19), ("writev", 20), ("sendto",
 
 def syscall_counts(args, env: Env, target: str, secs: int = 3):
     """Syscalls per request of a proxy under the 64-connection load (perf stat on raw_syscalls
-    tracepoints: counting only, little overhead), against wrk's request rate."""
+    tracepoints: counting only, little overhead), against wrk's request rate; and the context
+    switches per request of the proxy and of the app behind it (how often each proxy makes the
+    app wake up: a busy proxy that forwards in batches wakes it less)."""
     env.start(target)
     port = env.ports[target][0]
     w = subprocess.Popen(["taskset", "-c", LOAD_CPU, "wrk", "-t1", "-c64", f"-d{secs + 3}s", "-s", LUA,
@@ -128,8 +130,14 @@ def syscall_counts(args, env: Env, target: str, secs: int = 3):
         cmd += ["-e", "raw_syscalls:sys_enter"]  # all of them
         for name, nr in SYSCALLS:
             cmd += ["-e", "raw_syscalls:sys_enter", "--filter", f"id == {nr}"]
+        cmd += ["-e", "context-switches"]
+        app_path = out_path.replace(".txt", "-app-cs.txt")
+        app_cs = subprocess.Popen(["perf", "stat", "-x", ",", "-o", app_path, "-e", "context-switches",
+                                   "-p", ",".join(map(str, env.pids("app"))), "--", "sleep", str(secs)],
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         subprocess.run(cmd + ["--", "sleep", str(secs)], timeout=secs + 60,
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        app_cs.wait(timeout=secs + 60)
         out, _ = w.communicate(timeout=secs + 60)
     finally:
         if w.poll() is None:
@@ -147,6 +155,11 @@ def syscall_counts(args, env: Env, target: str, secs: int = 3):
                 vals.append(int(parts[0]))
     names = ["all"] + [n for n, _ in SYSCALLS]
     counts = {n: c for n, c in zip(names, vals) if c}
+    for label, path in (("proxy context switches", out_path), ("app context switches", app_path)):
+        with open(path) as f:
+            cs = [int(ln.split(",")[0]) for ln in f if "context-switches" in ln and ln.split(",")[0].isdigit()]
+        if cs:
+            counts[label] = cs[0]
     with open(out_path, "a") as f:
         f.write(f"\n# requests in window (wrk's rate x {secs} s): {reqs:.0f}\n")
         for k, c in counts.items():
