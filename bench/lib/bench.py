@@ -183,7 +183,10 @@ def main():
         want_tls = (any(w in TLS_WORKLOADS for w in args.workloads) and not (args.soak or args.syscalls)
                     and not (args.profile and not args.profile_load.startswith("tls")))
         plain = not (args.soak or args.syscalls or args.profile)
-        env = Env(tmp, args.sidecar, procs, tls=want_tls, l4=plain and "floor" in args.workloads,
+        # A copy: a rebuild of target/release during a run must not change what is measured.
+        sidecar = os.path.join(tmp, "sidecar-under-test")
+        shutil.copy2(args.sidecar, sidecar)
+        env = Env(tmp, sidecar, procs, tls=want_tls, l4=plain and "floor" in args.workloads,
                   unix=plain and "unix" in args.workloads)
         env.start_app()
         stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")

@@ -8,7 +8,7 @@
  * step of each connection, so no PSK is offered (checked with nginx's $ssl_session_reused and
  * Sidecar's handshake counter, see bench/README.md).
  *
- * Built by bench/lib/bench.py: gcc -O2 -shared -fPIC -o noresume.so noresume.c -ldl
+ * Built by bench/lib/targets.py: gcc -O2 -shared -fPIC -o noresume.so noresume.c -ldl
  */
 #define _GNU_SOURCE
 #include <dlfcn.h>
