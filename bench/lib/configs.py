@@ -186,6 +186,6 @@ def sidecar_conf(admin, port, app, tls=None, l4=None):
 app: {{ address: {app}, http: http1 }}
 inbound:
   - {{ name: web, listen: 127.0.0.1:{port}, protocol: http }}
-{extra}telemetry: {{ log_level: warn, access_log: {{ enabled: false }} }}
+{extra}telemetry: {{ log_level: {os.environ.get("BENCH_SIDECAR_LOG_LEVEL", "warn")}, access_log: {{ enabled: false }} }}
 runtime: {{ worker_threads: 1 }}
 """
