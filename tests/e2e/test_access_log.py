@@ -5,7 +5,6 @@ sidecar keeps serving, and it writes again as soon as the destination takes byte
 
 from __future__ import annotations
 
-import json
 import re
 import subprocess
 import time
