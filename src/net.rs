@@ -101,6 +101,29 @@ pub enum Stream {
     Unix(UnixStream),
 }
 
+impl Stream {
+    /// Whether nothing arrived on the stream since it was last read to exhaustion: no EOF,
+    /// no reset, no bytes. The reactor's cached readiness answers without a syscall; only when
+    /// it says "readable" is the socket read (one byte, never consumed on a live stream:
+    /// `WouldBlock`) to tell.
+    pub fn is_quiet(&self) -> bool {
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        let ready = match self {
+            Stream::Tcp(s) => s.poll_read_ready(&mut cx),
+            Stream::Unix(s) => s.poll_read_ready(&mut cx),
+        };
+        if ready.is_pending() {
+            return true;
+        }
+        let mut probe = [0u8; 1];
+        let read = match self {
+            Stream::Tcp(s) => s.try_read(&mut probe),
+            Stream::Unix(s) => s.try_read(&mut probe),
+        };
+        matches!(read, Err(e) if e.kind() == io::ErrorKind::WouldBlock)
+    }
+}
+
 macro_rules! both {
     ($self:ident, $s:ident => $e:expr) => {
         match $self.get_mut() {

@@ -12,11 +12,12 @@ use hyper::body::Incoming;
 
 use super::h1::{self, H1Conn};
 
-/// What the request path learns about a request body while hyper streams it to the app.
+/// What the request path learns about a request body while it streams to the app: its
+/// size for the access log, and whether the client broke it off (a 400, not a 502). Whether
+/// it went out whole is the app connection's own business (`proxy::h1`).
 #[derive(Debug, Default)]
 pub struct BodyStats {
     pub bytes: AtomicU64,
-    pub done: AtomicBool,
     pub errored: AtomicBool,
 }
 
@@ -59,12 +60,9 @@ impl Body for RequestBody {
                     if let Some(data) = frame.data_ref() {
                         stats.bytes.fetch_add(data.len() as u64, Ordering::Relaxed);
                     }
-                    if inner.is_end_stream() {
-                        stats.done.store(true, Ordering::Relaxed);
-                    }
                 }
                 Some(Err(_)) => stats.errored.store(true, Ordering::Relaxed),
-                None => stats.done.store(true, Ordering::Relaxed),
+                None => {}
             }
         }
         Poll::Ready(res)
@@ -92,6 +90,36 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 pub enum Upstream {
     H1(h1::Body),
     Hyper(Incoming),
+}
+
+impl Body for Upstream {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let frame = match self.get_mut() {
+            Upstream::H1(b) => ready!(Pin::new(b).poll_frame(cx)).map(|r| r.map_err(Into::into)),
+            Upstream::Hyper(b) => ready!(Pin::new(b).poll_frame(cx)).map(|r| r.map_err(Into::into)),
+        };
+        Poll::Ready(frame)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            Upstream::H1(b) => b.is_end_stream(),
+            Upstream::Hyper(b) => b.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            Upstream::H1(b) => b.size_hint(),
+            Upstream::Hyper(b) => b.size_hint(),
+        }
+    }
 }
 
 /// A response on its way to the client: the app's streamed body or a short local reply.
@@ -172,16 +200,14 @@ impl<E: OnEnd> Body for ResponseBody<E> {
 
     fn is_end_stream(&self) -> bool {
         match &self.kind {
-            Kind::Stream(Upstream::H1(inner)) => inner.is_end_stream(),
-            Kind::Stream(Upstream::Hyper(inner)) => inner.is_end_stream(),
+            Kind::Stream(inner) => inner.is_end_stream(),
             Kind::Full(data) => data.is_none(),
         }
     }
 
     fn size_hint(&self) -> SizeHint {
         match &self.kind {
-            Kind::Stream(Upstream::H1(inner)) => inner.size_hint(),
-            Kind::Stream(Upstream::Hyper(inner)) => inner.size_hint(),
+            Kind::Stream(inner) => inner.size_hint(),
             Kind::Full(data) => SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64)),
         }
     }
@@ -246,7 +272,7 @@ mod tests {
                     let _ = tx.unwrap().send((
                         got.len(),
                         stats.bytes.load(Ordering::Relaxed),
-                        stats.done.load(Ordering::Relaxed),
+                        stats.errored.load(Ordering::Relaxed),
                     ));
                     Ok::<_, std::convert::Infallible>(http::Response::new(
                         http_body_util::Empty::<Bytes>::new(),
@@ -265,7 +291,7 @@ mod tests {
             .body(http_body_util::Full::new(Bytes::from(vec![7u8; 3000])))
             .unwrap();
         send.send_request(req).await.unwrap();
-        assert_eq!(rx.await.unwrap(), (3000, 3000, true));
+        assert_eq!(rx.await.unwrap(), (3000, 3000, false));
         assert!(RequestBody::empty().is_end_stream());
     }
 }

@@ -15,7 +15,7 @@ use std::future::poll_fn;
 use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll, Waker, ready};
+use std::task::{Context, Poll, ready};
 
 use bytes::{Buf, BufMut, BytesMut};
 use http::{Request, Response};
@@ -23,7 +23,6 @@ use hyper::body::Body as _;
 use tokio::io::AsyncWrite;
 
 pub use body::Body;
-use head::Framing;
 
 use super::body::RequestBody;
 use super::pool::{Endpoint, Slot};
@@ -181,24 +180,10 @@ impl H1Conn {
         &self.endpoint
     }
 
-    /// Whether the connection can carry a request: nothing arrived while it was idle. The
-    /// reactor's cached readiness answers without a syscall; only when it says "readable"
-    /// (the app closed it, or sent bytes nobody asked for) is the socket read to tell.
+    /// Whether the connection can carry a request: nothing arrived while it was idle (the
+    /// app closed it, or sent bytes nobody asked for).
     pub fn is_usable(&self) -> bool {
-        let mut cx = Context::from_waker(Waker::noop());
-        let ready = match &self.io {
-            Stream::Tcp(s) => s.poll_read_ready(&mut cx),
-            Stream::Unix(s) => s.poll_read_ready(&mut cx),
-        };
-        if ready.is_pending() {
-            return self.rbuf.is_empty();
-        }
-        let mut probe = [0u8; 1];
-        let read = match &self.io {
-            Stream::Tcp(s) => s.try_read(&mut probe),
-            Stream::Unix(s) => s.try_read(&mut probe),
-        };
-        matches!(read, Err(e) if e.kind() == io::ErrorKind::WouldBlock) && self.rbuf.is_empty()
+        self.rbuf.is_empty() && self.io.is_quiet()
     }
 
     /// Sends `req` and reads the response head; the body streams from the connection, which
@@ -224,7 +209,7 @@ impl H1Conn {
 
     fn poll_head(&mut self, cx: &mut Context<'_>, out: &mut Outgoing) -> Poll<Result<head::Head, Error>> {
         loop {
-            if !out.done() && !out.failed {
+            if !out.done() {
                 match out.poll_write(cx, &mut self.io) {
                     Poll::Ready(Err(e @ Error::ClientBody(_))) => return Poll::Ready(Err(e)),
                     // Nothing sent: the connection was dead; the caller may try another.
@@ -263,11 +248,6 @@ fn put_hex(buf: &mut BytesMut, n: usize) {
     for i in (0..digits).rev() {
         buf.put_u8(b"0123456789abcdef"[(n >> (i * 4)) & 0xf]);
     }
-}
-
-/// Whether a response with this framing leaves the connection usable when read whole.
-fn reusable_after(framing: Framing) -> bool {
-    framing != Framing::Close
 }
 
 #[cfg(test)]

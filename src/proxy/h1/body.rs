@@ -12,7 +12,7 @@ use http::{HeaderMap, HeaderName, HeaderValue};
 use hyper::body::{Frame, SizeHint};
 
 use super::head::Framing;
-use super::{Error, H1Conn, MAX_HEAD, Outgoing, reusable_after};
+use super::{Error, H1Conn, MAX_HEAD, Outgoing};
 
 /// Longest chunk-size line (size and extensions) accepted.
 const MAX_CHUNK_LINE: usize = 4096;
@@ -64,7 +64,8 @@ impl Body {
             out: (!request_whole && !out.failed).then(|| Box::new(out)),
             request_whole,
             state,
-            keep_alive: keep_alive && reusable_after(framing),
+            // `Head::keep_alive` is already false for close-delimited bodies.
+            keep_alive,
             reusable: false,
         };
         if state == State::Done {
@@ -87,7 +88,7 @@ impl Body {
         // Bytes after the end of the response were not asked for: the connection is out of
         // step with the app, so it closes.
         let clean = self.conn.as_ref().is_some_and(|c| c.rbuf.is_empty());
-        self.reusable = clean && self.keep_alive && self.request_whole && self.out.is_none();
+        self.reusable = clean && self.keep_alive && self.request_whole;
         if !self.reusable {
             self.conn = None;
         }
