@@ -17,7 +17,7 @@ use crate::config::Config;
 use crate::drain::Drain;
 use crate::files::FileWatcher;
 use crate::health;
-use crate::inbound::{Inbound, InboundMetrics};
+use crate::inbound::{Families, Inbound};
 use crate::readiness::Readiness;
 use crate::telemetry::{AccessLog, LogHandle, metrics};
 
@@ -65,7 +65,7 @@ pub fn run(config: Config, path: Option<PathBuf>, log: Option<LogHandle>) -> any
 async fn serve(config: Config, path: Option<PathBuf>, log: Option<LogHandle>) -> anyhow::Result<Exit> {
     // Each module registers its own families; the registry is read-only from here on.
     let mut registry = metrics::registry();
-    let inbound_metrics = InboundMetrics::register(&mut registry);
+    let listener_metrics = Families::register(&mut registry);
     let app_ready_gauge = health::register_metrics(&mut registry);
     let reload_metrics = ReloadMetrics::register(&mut registry);
     let access_log = AccessLog::start(&config.telemetry.access_log, &mut registry)?;
@@ -91,7 +91,7 @@ async fn serve(config: Config, path: Option<PathBuf>, log: Option<LogHandle>) ->
     )?;
     tracing::info!(addr = %admin_addr, "admin server listening");
 
-    let mut inbound = Inbound::new(inbound_metrics, access_log, files.clone(), drain_watch.clone());
+    let mut inbound = Inbound::new(listener_metrics, access_log, files.clone(), drain_watch.clone());
     inbound.apply(&config)?;
     inbound_ready.set(true);
     tokio::spawn(health::run(config_rx, app_ready, app_ready_gauge, drain_watch));

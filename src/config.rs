@@ -14,6 +14,7 @@ use serde_yaml_ng::Value;
 pub mod admin;
 pub mod app;
 pub mod inbound;
+pub mod outbound;
 mod parse;
 pub mod runtime;
 pub mod shutdown;
@@ -22,6 +23,7 @@ pub mod telemetry;
 pub use admin::AdminConfig;
 pub use app::{AppConfig, HealthConfig, HttpVersion};
 pub use inbound::{InboundConfig, InboundTls, Limits, Protocol};
+pub use outbound::{Balance, EndpointName, OutboundConfig, OutlierConfig, RetryConfig, UpstreamConfig};
 pub use parse::parse_socket_addr;
 pub use runtime::RuntimeConfig;
 pub use shutdown::ShutdownConfig;
@@ -39,6 +41,7 @@ pub struct Config {
     pub admin: AdminConfig,
     pub app: AppConfig,
     pub inbound: Vec<InboundConfig>,
+    pub outbound: Vec<OutboundConfig>,
     pub telemetry: TelemetryConfig,
     pub shutdown: ShutdownConfig,
     pub runtime: RuntimeConfig,
@@ -86,8 +89,7 @@ struct RawConfig {
     admin: admin::RawAdmin,
     app: app::RawApp,
     inbound: Vec<inbound::RawInbound>,
-    /// Not built yet; any value, kept only to refuse it.
-    outbound: Option<Value>,
+    outbound: Vec<outbound::RawOutbound>,
     telemetry: telemetry::RawTelemetry,
     /// Not built yet; any value, kept only to refuse it.
     logship: Option<Value>,
@@ -258,8 +260,13 @@ fn validate(raw: RawConfig, problems: &mut Vec<Problem>) -> Config {
     let inbound = inbound::validate(raw.inbound, &mut cx, admin.listen, &app.address);
     // Refused rather than ignored: a file written for a later build must not run here
     // without what it asks for.
-    if raw.outbound.is_some() {
-        cx.bad("outbound", "outbound (ambassador) listeners are not in this build yet; remove `outbound`");
+    let outbound = outbound::validate(raw.outbound, &mut cx, admin.listen, &inbound);
+    if inbound.is_empty() && outbound.is_empty() {
+        cx.bad(
+            "",
+            "nothing to do: at least one `inbound` or `outbound` listener is needed, for example \
+             `inbound: [{ name: web, listen: 0.0.0.0:15006 }]` (`logship` is not in this build yet)",
+        );
     }
     if raw.logship.is_some() {
         cx.bad("logship", "log shipping is not in this build yet; remove `logship`");
@@ -267,7 +274,7 @@ fn validate(raw: RawConfig, problems: &mut Vec<Problem>) -> Config {
     let telemetry = telemetry::validate(raw.telemetry, &mut cx);
     let shutdown = shutdown::validate(raw.shutdown, &mut cx);
     let runtime = runtime::validate(raw.runtime, &mut cx);
-    Config { admin, app, inbound, telemetry, shutdown, runtime }
+    Config { admin, app, inbound, outbound, telemetry, shutdown, runtime }
 }
 
 #[cfg(test)]
@@ -343,11 +350,6 @@ shutdown: { drain_timeout: 5 }
     #[test]
     fn not_yet_built_sections_are_refused_each_at_its_own_path() {
         for (section, path, message) in [
-            (
-                "outbound: [{ name: orders, listen: 127.0.0.1:9001 }]",
-                "outbound",
-                "outbound (ambassador) listeners are not in this build yet; remove `outbound`",
-            ),
             (
                 "logship: { sources: [] }",
                 "logship",

@@ -1,5 +1,7 @@
-//! Traffic coming into the pod: one accept loop per `inbound` listener, each connection
-//! handed to the HTTP server (`http`) or the TCP forwarder (`tcp`).
+//! The listeners: one accept loop per `inbound` listener, each connection handed to the
+//! HTTP server (`http`) or the TCP forwarder (`tcp`). Outbound (ambassador) listeners run
+//! here too, on the same server: their requests go to an `outbound::Upstream` instead of
+//! the app.
 //!
 //! Listeners are keyed by their address. A reload updates a listener in place (the next
 //! connection sees the new settings; open ones keep theirs), binds new addresses before
@@ -25,10 +27,12 @@ use tokio::sync::watch;
 use tracing::Instrument as _;
 
 pub use self::limit::ConnLimit;
+pub use self::metrics::Direction;
 pub use self::metrics::{InboundMetrics, ListenerMetrics, Reject};
-use crate::config::{Config, HttpVersion, InboundConfig, InboundTls, Protocol};
+use crate::config::{Config, HttpVersion, InboundConfig, InboundTls, OutboundConfig, Protocol};
 use crate::drain::DrainWatch;
 use crate::files::FileWatcher;
+use crate::outbound::{OutboundFamilies, Upstream, discovery};
 use crate::proxy::pool::{Endpoint, EndpointKey, Pool, Proto};
 use crate::telemetry::AccessLog;
 use crate::tls::ServerTls;
@@ -42,6 +46,25 @@ pub enum ApplyError {
     Bind { name: String, addr: SocketAddr, error: std::io::Error },
     #[error("listener {name}: TLS: {error}")]
     Tls { name: String, error: crate::tls::TlsError },
+    #[error("outbound {name}: {error}")]
+    Resolver { name: String, error: discovery::ResolverError },
+}
+
+/// The metric families listeners use, by direction.
+pub struct Families {
+    pub inbound: InboundMetrics,
+    pub outbound: InboundMetrics,
+    pub upstreams: OutboundFamilies,
+}
+
+impl Families {
+    pub fn register(registry: &mut prometheus_client::registry::Registry) -> Self {
+        Families {
+            inbound: InboundMetrics::register(registry),
+            outbound: InboundMetrics::register_direction(registry, Direction::Outbound),
+            upstreams: OutboundFamilies::register(registry),
+        }
+    }
 }
 
 /// Everything a new connection on one listener needs; replaced whole on reload, so open
@@ -56,6 +79,8 @@ pub struct ListenerCtx {
     pub access_log: AccessLog,
     /// TLS termination, when configured; rotated in place when its files change.
     pub tls: Option<Arc<ServerTls>>,
+    /// Outbound listeners: where requests go instead of the app.
+    pub upstream: Option<Arc<Upstream>>,
     http: http::Builders,
 }
 
@@ -69,7 +94,7 @@ struct Running {
 
 /// The set of running inbound listeners.
 pub struct Inbound {
-    families: InboundMetrics,
+    families: Families,
     access_log: AccessLog,
     drain: DrainWatch,
     running: HashMap<SocketAddr, Running>,
@@ -78,16 +103,14 @@ pub struct Inbound {
     metrics: HashMap<String, Arc<ListenerMetrics>>,
     /// Loaded TLS per listener address, reused by a reload that builds it from the same.
     tls: HashMap<SocketAddr, Arc<ServerTls>>,
+    /// Per outbound listener name; kept by a reload that leaves its config as it was, so
+    /// endpoint state (latency, ejections) and pooled connections survive it.
+    upstreams: HashMap<String, Arc<Upstream>>,
     files: FileWatcher,
 }
 
 impl Inbound {
-    pub fn new(
-        families: InboundMetrics,
-        access_log: AccessLog,
-        files: FileWatcher,
-        drain: DrainWatch,
-    ) -> Self {
+    pub fn new(families: Families, access_log: AccessLog, files: FileWatcher, drain: DrainWatch) -> Self {
         let pool = Pool::new();
         tokio::spawn(Pool::reap(Arc::downgrade(&pool), drain.clone()));
         Inbound {
@@ -98,26 +121,41 @@ impl Inbound {
             pool,
             metrics: HashMap::new(),
             tls: HashMap::new(),
+            upstreams: HashMap::new(),
             files,
         }
+    }
+
+    /// Every listener of `config`, inbound first, with the outbound ones' upstream config.
+    fn listeners(config: &Config) -> Vec<(InboundConfig, Option<&OutboundConfig>)> {
+        let inbound = config.inbound.iter().map(|l| (l.clone(), None));
+        inbound.chain(config.outbound.iter().map(|o| (o.listener(), Some(o)))).collect()
     }
 
     /// Makes the running listeners match `config`. New addresses are bound and TLS files
     /// loaded first: if anything fails, nothing changes and the error is returned.
     pub fn apply(&mut self, config: &Config) -> Result<(), ApplyError> {
+        let listeners = Self::listeners(config);
         let mut bound = Vec::new();
         let mut tls = HashMap::new();
-        for l in &config.inbound {
+        let mut upstreams = HashMap::new();
+        for (l, outbound) in &listeners {
             if !self.running.contains_key(&l.listen) {
                 bound.push((l.listen, bind(l)?));
             }
             if let Some(files) = &l.tls {
                 tls.insert(l.listen, self.load_tls(l, files)?);
             }
+            if let Some(o) = outbound {
+                upstreams.insert(o.name.clone(), self.upstream(o)?);
+            }
         }
         self.tls = tls;
-        let mut keep = Vec::with_capacity(config.inbound.len());
-        for l in &config.inbound {
+        // Upstreams left out are dropped: their discovery ends, idle connections close.
+        self.upstreams = upstreams;
+        let mut keep = Vec::with_capacity(listeners.len());
+        for (l, _) in &listeners {
+            let l = &l;
             keep.push(l.listen);
             let ctx = Arc::new(self.ctx(l, config));
             if let Some(running) = self.running.get(&l.listen) {
@@ -133,8 +171,17 @@ impl Inbound {
             let (ctx_tx, ctx_rx) = watch::channel(ctx);
             let (stop_tx, stop_rx) = watch::channel(false);
             let limit = ConnLimit::new(l.limits.max_connections);
+            match &ctx_rx.borrow().upstream {
+                Some(up) => {
+                    let endpoints: Vec<String> =
+                        up.config().upstream.endpoints.iter().map(|e| e.to_string()).collect();
+                    tracing::info!(listener = %l.name, addr = %l.listen, ?endpoints, "listening (outbound)")
+                }
+                None => {
+                    tracing::info!(listener = %l.name, addr = %l.listen, protocol = ?l.protocol, target = %l.target, "listening")
+                }
+            }
             tokio::spawn(accept_loop(listener, ctx_rx, stop_rx, limit.clone(), self.drain.clone()));
-            tracing::info!(listener = %l.name, addr = %l.listen, protocol = ?l.protocol, target = %l.target, "listening");
             self.running.insert(l.listen, Running { ctx: ctx_tx, stop: stop_tx, limit });
         }
         self.running.retain(|addr, running| {
@@ -148,8 +195,24 @@ impl Inbound {
         // Endpoints no listener uses any more close their idle connections when dropped.
         let targets: Vec<_> = config.inbound.iter().map(|l| &l.target).collect();
         self.pool.retain(|k| targets.contains(&&k.addr));
-        self.metrics.retain(|name, _| config.inbound.iter().any(|l| l.name == *name));
+        self.metrics.retain(|name, _| listeners.iter().any(|(l, _)| l.name == *name));
         Ok(())
+    }
+
+    /// The running upstream for `o` when its config is unchanged, else a new one, with
+    /// its discovery started (a resolv.conf that cannot be read fails the apply).
+    fn upstream(&self, o: &OutboundConfig) -> Result<Arc<Upstream>, ApplyError> {
+        if let Some(up) = self.upstreams.get(&o.name)
+            && up.config() == o
+        {
+            return Ok(up.clone());
+        }
+        let err = |error| ApplyError::Resolver { name: o.name.clone(), error };
+        let resolver = discovery::resolver(&o.upstream).map_err(err)?;
+        let up = Upstream::new(o.clone(), self.families.upstreams.upstream(&o.name));
+        let run = discovery::run(Arc::downgrade(&up), o.upstream.clone(), resolver, self.drain.clone());
+        tokio::spawn(run.instrument(tracing::info_span!("discovery", upstream = %o.name)));
+        Ok(up)
     }
 
     /// The listener's current TLS if it was built from the same files for the same ALPN
@@ -166,18 +229,32 @@ impl Inbound {
         {
             return Ok(current.clone());
         }
-        let expiry = self.listener_metrics(&l.name).tls_enabled();
+        let expiry = self.listener_metrics(&l.name, Direction::Inbound).tls_enabled();
         ServerTls::load(files, alpn, expiry, &self.files, &l.name)
             .map_err(|error| ApplyError::Tls { name: l.name.clone(), error })
     }
 
-    fn listener_metrics(&mut self, name: &str) -> Arc<ListenerMetrics> {
-        let families = &self.families;
-        self.metrics.entry(name.to_owned()).or_insert_with(|| families.listener(name)).clone()
+    fn listener_metrics(&mut self, name: &str, direction: Direction) -> Arc<ListenerMetrics> {
+        let families = match direction {
+            Direction::Inbound => &self.families.inbound,
+            Direction::Outbound => &self.families.outbound,
+        };
+        // A name that moved from one direction to the other gets the other's families.
+        if let Some(m) = self.metrics.get(name)
+            && m.direction() == direction
+        {
+            return m.clone();
+        }
+        let m = families.listener(name);
+        self.metrics.insert(name.to_owned(), m.clone());
+        m
     }
 
     fn ctx(&mut self, l: &InboundConfig, config: &Config) -> ListenerCtx {
-        let metrics = self.listener_metrics(&l.name);
+        let upstream =
+            self.upstreams.get(&l.name).filter(|_| config.outbound.iter().any(|o| o.name == l.name)).cloned();
+        let direction = if upstream.is_some() { Direction::Outbound } else { Direction::Inbound };
+        let metrics = self.listener_metrics(&l.name, direction);
         if l.tls.is_some() {
             metrics.tls_enabled();
         }
@@ -190,6 +267,7 @@ impl Inbound {
             app_h2: endpoint(Proto::Http2),
             access_log: self.access_log.clone(),
             tls: self.tls.get(&l.listen).cloned(),
+            upstream,
             http: http::Builders::new(&l.limits),
         }
     }

@@ -11,6 +11,7 @@ pub mod files;
 pub mod health;
 pub mod inbound;
 pub mod net;
+pub mod outbound;
 pub mod proxy;
 pub mod readiness;
 pub mod telemetry;

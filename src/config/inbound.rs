@@ -60,7 +60,7 @@ struct RawTls {
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
-struct RawLimits {
+pub(super) struct RawLimits {
     max_header_bytes: Option<Scalar>,
     header_read_timeout: Option<Scalar>,
     idle_timeout: Option<Scalar>,
@@ -75,17 +75,12 @@ pub(super) fn validate(
     admin_listen: SocketAddr,
     app_address: &Addr,
 ) -> Vec<InboundConfig> {
-    if raw.is_empty() {
-        cx.bad(
-            "inbound",
-            "at least one listener is needed, for example `- { name: web, listen: 0.0.0.0:15006 }`",
-        );
-    }
     let mut inbound: Vec<InboundConfig> = Vec::with_capacity(raw.len());
     for (i, r) in raw.into_iter().enumerate() {
         let at = format!("inbound[{i}]");
-        let name = validate_name(&at, i, r.name, cx, &inbound);
-        let listen = validate_listen(&at, r.listen.as_deref(), cx, &inbound, admin_listen);
+        let taken: Vec<_> = inbound.iter().map(|l| (l.name.as_str(), l.listen)).collect();
+        let name = validate_name(&at, i, r.name, cx, &taken);
+        let listen = validate_listen(&at, r.listen.as_deref(), cx, &taken, admin_listen);
         let target = match r.target.as_deref() {
             Some(t) => cx.upstream(&format!("{at}.target"), t),
             None => app_address.clone(),
@@ -114,8 +109,15 @@ pub(super) fn validate(
     inbound
 }
 
-/// `earlier`: the listeners validated so far, whose names this one may not reuse.
-fn validate_name(at: &str, i: usize, raw: Option<String>, cx: &mut Ctx, earlier: &[InboundConfig]) -> String {
+/// `earlier`: the (name, address) of the listeners validated so far, in either direction,
+/// whose names and addresses this one may not reuse.
+pub(super) fn validate_name(
+    at: &str,
+    i: usize,
+    raw: Option<String>,
+    cx: &mut Ctx,
+    earlier: &[(&str, SocketAddr)],
+) -> String {
     let path = format!("{at}.name");
     let name = match raw {
         Some(n) if valid_name(&n) => n,
@@ -125,10 +127,10 @@ fn validate_name(at: &str, i: usize, raw: Option<String>, cx: &mut Ctx, earlier:
         }
         None => {
             cx.bad(&path, "missing: every listener needs a name (it labels metrics and logs)");
-            format!("inbound-{i}")
+            format!("listener-{i}")
         }
     };
-    if earlier.iter().any(|o| o.name == name) {
+    if earlier.iter().any(|(n, _)| *n == name) {
         cx.bad(&path, format!("`{name}` is used by another listener"));
     }
     name
@@ -138,11 +140,11 @@ fn valid_name(n: &str) -> bool {
     !n.is_empty() && n.len() <= 64 && n.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
 }
 
-fn validate_listen(
+pub(super) fn validate_listen(
     at: &str,
     raw: Option<&str>,
     cx: &mut Ctx,
-    earlier: &[InboundConfig],
+    earlier: &[(&str, SocketAddr)],
     admin_listen: SocketAddr,
 ) -> SocketAddr {
     let path = format!("{at}.listen");
@@ -156,7 +158,7 @@ fn validate_listen(
     // Port 0 is the placeholder of an address already reported as bad, or a port the OS
     // picks at bind time: neither can clash, and comparing would add confusing problems.
     if listen.port() != 0 {
-        if earlier.iter().any(|o| o.listen == listen) {
+        if earlier.iter().any(|(_, a)| *a == listen) {
             cx.bad(&path, format!("{listen} is used by another listener"));
         }
         if listen == admin_listen {
@@ -195,7 +197,7 @@ fn validate_tls(at: &str, t: RawTls, cx: &mut Ctx) -> InboundTls {
     }
 }
 
-fn validate_limits(at: &str, lim: RawLimits, cx: &mut Ctx) -> Limits {
+pub(super) fn validate_limits(at: &str, lim: RawLimits, cx: &mut Ctx) -> Limits {
     let header_path = format!("{at}.limits.max_header_bytes");
     let max_header_bytes = match &lim.max_header_bytes {
         None => DEFAULT_MAX_HEADER_BYTES,

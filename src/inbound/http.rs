@@ -25,7 +25,7 @@ use tracing::Instrument as _;
 use super::ListenerCtx;
 use super::guard::{ConnState, Guard};
 use super::io::{DetectError, Detected, ServerIo, detect};
-use super::metrics::Reject;
+use super::metrics::{Direction, Reject};
 use super::sticky::Sticky;
 use super::supervise::{Ended, supervise};
 use crate::config::{HttpVersion, Limits};
@@ -281,9 +281,11 @@ impl OnEnd for RequestEnd {
         }
         let access_log = &conn.listener.access_log;
         if access_log.enabled() {
+            let direction = conn.listener.metrics.direction();
             access_log.log(AccessRecord {
                 start: self.wall,
-                direction: "inbound",
+                direction: direction.as_str(),
+                upstream: (direction == Direction::Outbound).then(|| conn.listener.metrics.name.clone()),
                 listener: conn.listener.metrics.name.clone(),
                 method: self.method,
                 uri: self.uri.unwrap_or_default(),
@@ -346,6 +348,18 @@ async fn prepare(
 
     let (mut parts, body) = req.into_parts();
     sanitize_request(&mut parts.headers, upgrade);
+    if let Some(up) = &l.upstream {
+        // The app's own call: no forwarding headers (the peer is the app itself), and
+        // the upstream's name as Host when the app addressed the sidecar.
+        outbound_target(&mut parts, up);
+        let (body, stats) = RequestBody::new(body);
+        end.req_stats = stats;
+        return Ok(Prepared {
+            req: Request::from_parts(parts, body),
+            proto: Proto::Http1,
+            client_upgrade: None,
+        });
+    }
     conn.forwarding.apply(&mut parts.headers);
     if let Some(id) = &conn.identity {
         parts.headers.insert(X_FORWARDED_CLIENT_CERT.clone(), id.xfcc.clone());
@@ -378,6 +392,29 @@ async fn prepare(
     Ok(Prepared { req: Request::from_parts(parts, body), proto, client_upgrade })
 }
 
+/// An outbound request's target: origin-form for the upstream's HTTP/1.1, and `Host` set
+/// to the upstream's name when the app addressed the sidecar itself (`localhost:15001`)
+/// rather than the service; an absolute-form target (`HTTP_PROXY`) gives its authority.
+fn outbound_target(parts: &mut http::request::Parts, up: &crate::outbound::Upstream) {
+    if let Some(a) = parts.uri.authority().and_then(|a| HeaderValue::from_str(a.as_str()).ok()) {
+        parts.headers.insert(header::HOST, a);
+    }
+    let local = parts.headers.get(header::HOST).and_then(|h| h.to_str().ok()).is_none_or(|h| {
+        let host = h.rsplit_once(':').map_or(h, |(host, _)| host);
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        host.eq_ignore_ascii_case("localhost")
+            || host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
+    });
+    if local {
+        parts.headers.insert(header::HOST, up.authority().clone());
+    }
+    if parts.uri.scheme().is_some() || parts.uri.authority().is_some() {
+        let pq = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
+        parts.uri = pq.parse().unwrap_or_else(|_| Uri::from_static("/"));
+    }
+    parts.version = Version::HTTP_11;
+}
+
 /// Sends the request to the app and waits for its response head, within `request_timeout`.
 async fn send(
     req: Request<RequestBody>,
@@ -389,28 +426,36 @@ async fn send(
     let l = &conn.listener;
     let connect_timeout = l.config.connect_timeout;
     let send = async {
-        if upgrade {
+        if let Some(up) = &l.upstream {
+            return up.call(req).await.map(|r| r.map(Upstream::H1)).map_err(ProxyError::Outbound);
+        }
+        let sent = if upgrade {
             Box::pin(l.app_h1.send_upgrade(req, connect_timeout)).await.map(|r| r.map(Upstream::Hyper))
         } else if proto == Proto::Http2 {
             l.app_h2.send_h2(req, connect_timeout).await.map(|r| r.map(Upstream::Hyper))
         } else {
             l.app_h1.send_h1(req, conn.sticky.take(), connect_timeout).await.map(|r| r.map(Upstream::H1))
-        }
+        };
+        sent.map_err(ProxyError::Upstream)
     };
     let timeout = l.config.request_timeout;
     let result = if timeout.is_zero() {
         send.await
     } else {
-        tokio::time::timeout(timeout, send).await.map_err(|_| ProxyError::Timeout)?
+        let timed_out = |_| match &l.upstream {
+            Some(up) => ProxyError::OutboundTimeout { upstream: up.name.clone(), after: timeout },
+            None => ProxyError::Timeout,
+        };
+        tokio::time::timeout(timeout, send).await.map_err(timed_out)?
     };
     result.map_err(|e| {
         if end.req_stats.as_ref().is_some_and(|s| s.errored.load(Ordering::Relaxed)) {
             return ProxyError::ClientBody;
         }
-        // Debug, not warn: when the app is down this is every request; the access log's
-        // `error` and the health checker's warning already say so.
-        tracing::debug!(error = %e, "app request failed");
-        ProxyError::Upstream(e)
+        // Debug, not warn: when the app or an upstream is down this is every request; the
+        // access log's `error`, the health checker and the ejection log already say so.
+        tracing::debug!(error = %e, "request failed");
+        e
     })
 }
 
@@ -449,7 +494,11 @@ fn local_reply(mut end: RequestEnd, error: &ProxyError) -> Response<Body> {
     end.status = rescue.status.as_u16();
     end.error = Some(rescue.error);
     let close = rescue.status == StatusCode::BAD_REQUEST && end.version != Version::HTTP_2;
-    let mut resp = Response::new(ResponseBody::full(Bytes::from_static(rescue.body.as_bytes()), Some(end)));
+    let body = match rescue.body {
+        std::borrow::Cow::Borrowed(b) => Bytes::from_static(b.as_bytes()),
+        std::borrow::Cow::Owned(b) => Bytes::from(b),
+    };
+    let mut resp = Response::new(ResponseBody::full(body, Some(end)));
     *resp.status_mut() = rescue.status;
     let h = resp.headers_mut();
     h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));

@@ -4,7 +4,7 @@
 
 use std::sync::{Arc, OnceLock};
 
-use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::encoding::{EncodeLabel, EncodeLabelSet, LabelSetEncoder};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
@@ -12,27 +12,57 @@ use prometheus_client::registry::Registry;
 
 use crate::telemetry::metrics::LatencyHistogram;
 
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct ListenerLabels {
-    listener: String,
+/// The label naming a listener: `listener` inbound, `upstream` outbound (the contract's
+/// names: an outbound listener carries calls to the upstream of the same name).
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
+pub enum Direction {
+    Inbound,
+    Outbound,
 }
 
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct StatusLabels {
-    listener: String,
-    status_code: String,
+impl Direction {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Direction::Inbound => "inbound",
+            Direction::Outbound => "outbound",
+        }
+    }
+
+    fn key(self) -> &'static str {
+        match self {
+            Direction::Inbound => "listener",
+            Direction::Outbound => "upstream",
+        }
+    }
 }
 
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct RejectLabels {
+/// A listener's label, plus one more (`status_code`, `reason`, `result`) where a family has it.
+#[derive(Clone, Debug, Hash, PartialEq, Eq)]
+struct Labels {
+    direction: Direction,
     listener: String,
-    reason: &'static str,
+    extra: Option<(&'static str, String)>,
 }
 
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct HandshakeLabels {
-    listener: String,
-    result: &'static str,
+impl Labels {
+    fn new(direction: Direction, listener: &str) -> Self {
+        Labels { direction, listener: listener.to_owned(), extra: None }
+    }
+
+    fn with(mut self, key: &'static str, value: impl Into<String>) -> Self {
+        self.extra = Some((key, value.into()));
+        self
+    }
+}
+
+impl EncodeLabelSet for Labels {
+    fn encode(&self, encoder: &mut LabelSetEncoder) -> Result<(), std::fmt::Error> {
+        (self.direction.key(), self.listener.as_str()).encode(encoder.encode_label())?;
+        if let Some((k, v)) = &self.extra {
+            (*k, v.as_str()).encode(encoder.encode_label())?;
+        }
+        Ok(())
+    }
 }
 
 /// Why a connection or request was refused: the `reason` label of
@@ -132,20 +162,29 @@ impl Handshake {
     }
 }
 
-/// The inbound families, cloned (they are shared handles) into every listener's metrics.
+/// One direction's families, cloned (they are shared handles) into every listener's metrics.
 #[derive(Clone)]
 pub struct InboundMetrics {
-    requests: Family<StatusLabels, Counter>,
-    duration: Family<ListenerLabels, LatencyHistogram>,
-    open: Family<ListenerLabels, Gauge>,
-    rejected: Family<RejectLabels, Counter>,
-    handshakes: Family<HandshakeLabels, Counter>,
-    cert_expiry: Family<ListenerLabels, Gauge>,
+    direction: Direction,
+    requests: Family<Labels, Counter>,
+    duration: Family<Labels, LatencyHistogram>,
+    open: Family<Labels, Gauge>,
+    rejected: Family<Labels, Counter>,
+    handshakes: Family<Labels, Counter>,
+    cert_expiry: Family<Labels, Gauge>,
 }
 
 impl InboundMetrics {
+    /// The inbound families: `sidecar_inbound_*` and the TLS ones.
     pub fn register(registry: &mut Registry) -> Self {
+        Self::register_direction(registry, Direction::Inbound)
+    }
+
+    /// `sidecar_{inbound,outbound}_*`; TLS termination families only inbound (outbound
+    /// listeners take plain HTTP from the app).
+    pub fn register_direction(registry: &mut Registry, direction: Direction) -> Self {
         let m = InboundMetrics {
+            direction,
             requests: Family::default(),
             duration: Family::default(),
             open: Family::default(),
@@ -153,40 +192,45 @@ impl InboundMetrics {
             handshakes: Family::default(),
             cert_expiry: Family::default(),
         };
-        registry.register("inbound_requests", "Requests answered on an inbound listener", m.requests.clone());
+        let d = direction.as_str();
+        let name = |n: &str| format!("{d}_{n}");
         registry.register(
-            "inbound_request_duration_seconds",
+            name("requests"),
+            format!("Requests answered on an {d} listener"),
+            m.requests.clone(),
+        );
+        registry.register(
+            name("request_duration_seconds"),
             "Time from request head to the end of the response body",
             m.duration.clone(),
         );
-        registry.register("inbound_connections_open", "Open inbound connections", m.open.clone());
+        registry.register(name("connections_open"), format!("Open {d} connections"), m.open.clone());
         registry.register(
-            "inbound_rejected",
+            name("rejected"),
             "Connections and requests refused, by reason",
             m.rejected.clone(),
         );
-        registry.register(
-            "tls_handshakes",
-            "TLS handshakes on inbound listeners, by result",
-            m.handshakes.clone(),
-        );
-        registry.register(
-            "tls_cert_expiry_timestamp_seconds",
-            "When the listener's serving certificate expires (Unix time)",
-            m.cert_expiry.clone(),
-        );
+        if direction == Direction::Inbound {
+            registry.register(
+                "tls_handshakes",
+                "TLS handshakes on inbound listeners, by result",
+                m.handshakes.clone(),
+            );
+            registry.register(
+                "tls_cert_expiry_timestamp_seconds",
+                "When the listener's serving certificate expires (Unix time)",
+                m.cert_expiry.clone(),
+            );
+        }
         m
     }
 
     /// The handles one listener needs, resolved now: every rejection reason's series exists
     /// (at 0) from the listener's start.
     pub fn listener(&self, name: &str) -> Arc<ListenerMetrics> {
-        let labels = ListenerLabels { listener: name.to_owned() };
-        let rejected = Reject::ALL.map(|r| {
-            self.rejected
-                .get_or_create(&RejectLabels { listener: name.to_owned(), reason: r.as_str() })
-                .clone()
-        });
+        let labels = Labels::new(self.direction, name);
+        let rejected = Reject::ALL
+            .map(|r| self.rejected.get_or_create(&labels.clone().with("reason", r.as_str())).clone());
         Arc::new(ListenerMetrics {
             name: name.into(),
             duration: self.duration.get_or_create(&labels).clone(),
@@ -213,6 +257,10 @@ pub struct ListenerMetrics {
 }
 
 impl ListenerMetrics {
+    pub fn direction(&self) -> Direction {
+        self.families.direction
+    }
+
     pub fn request(&self, status: u16, elapsed: std::time::Duration) {
         self.duration.observe(elapsed);
         let counter = match status.checked_sub(100).and_then(|i| self.by_status.get(i as usize)) {
@@ -222,9 +270,12 @@ impl ListenerMetrics {
         counter.inc();
     }
 
+    fn labels(&self) -> Labels {
+        Labels::new(self.families.direction, &self.name)
+    }
+
     fn status_counter(&self, status: u16) -> Counter {
-        let labels = StatusLabels { listener: self.name.to_string(), status_code: status.to_string() };
-        self.families.requests.get_or_create(&labels).clone()
+        self.families.requests.get_or_create(&self.labels().with("status_code", status.to_string())).clone()
     }
 
     /// The listener terminates TLS: its handshake series (all at 0) and expiry gauge exist
@@ -232,12 +283,10 @@ impl ListenerMetrics {
     pub fn tls_enabled(&self) -> Gauge {
         self.handshakes.get_or_init(|| {
             Handshake::ALL.map(|h| {
-                let labels = HandshakeLabels { listener: self.name.to_string(), result: h.as_str() };
-                self.families.handshakes.get_or_create(&labels).clone()
+                self.families.handshakes.get_or_create(&self.labels().with("result", h.as_str())).clone()
             })
         });
-        let labels = ListenerLabels { listener: self.name.to_string() };
-        self.families.cert_expiry.get_or_create(&labels).clone()
+        self.families.cert_expiry.get_or_create(&self.labels()).clone()
     }
 
     /// A TLS handshake ended: `success`, or why not.
@@ -288,6 +337,23 @@ mod tests {
             assert!(out.contains(needle), "missing {needle} in\n{out}");
         }
         assert!(!out.contains("sidecar_tls_handshakes_total{"), "a plain listener has no handshake series");
+    }
+
+    #[test]
+    fn outbound_series_are_labelled_by_upstream() {
+        let mut registry = Registry::with_prefix("sidecar");
+        InboundMetrics::register(&mut registry);
+        let l = InboundMetrics::register_direction(&mut registry, Direction::Outbound).listener("orders");
+        l.request(200, Duration::from_millis(3));
+        let out = encode(&registry);
+        assert!(
+            out.contains("sidecar_outbound_requests_total{upstream=\"orders\",status_code=\"200\"} 1"),
+            "{out}"
+        );
+        assert!(
+            out.contains("sidecar_outbound_request_duration_seconds_count{upstream=\"orders\"} 1"),
+            "{out}"
+        );
     }
 
     #[test]

@@ -18,7 +18,7 @@ fn config(text: &str) -> Config {
 
 fn inbound() -> (Inbound, Drain) {
     let mut registry = Registry::default();
-    let families = InboundMetrics::register(&mut registry);
+    let families = Families::register(&mut registry);
     let off = AccessLogConfig {
         enabled: false,
         ..config("inbound: [{name: a, listen: 127.0.0.1:1}]").telemetry.access_log

@@ -25,8 +25,10 @@ pub struct BodyStats {
 /// only when the app's connection can take more, which is the backpressure that keeps a
 /// 1 GiB upload at a few buffers of memory.
 pub struct RequestBody {
-    /// `None`: a body made here with nothing in it (health checks, tests, later retries).
+    /// `None`: a body made here with nothing in it (health checks, tests).
     inner: Option<Incoming>,
+    /// A body kept whole so that a retry can send it again (outbound); taken when sent.
+    full: Option<Bytes>,
     /// `None` for bodies that are empty from the start (most GETs): nothing to count.
     stats: Option<Arc<BodyStats>>,
 }
@@ -34,12 +36,22 @@ pub struct RequestBody {
 impl RequestBody {
     pub fn new(inner: Incoming) -> (Self, Option<Arc<BodyStats>>) {
         let stats = (!inner.is_end_stream()).then(Arc::default);
-        (RequestBody { inner: Some(inner), stats: stats.clone() }, stats)
+        (RequestBody { inner: Some(inner), full: None, stats: stats.clone() }, stats)
     }
 
     /// A body with no bytes.
     pub fn empty() -> Self {
-        RequestBody { inner: None, stats: None }
+        RequestBody { inner: None, full: None, stats: None }
+    }
+
+    /// A body of `bytes`, already counted when they were read.
+    pub fn full(bytes: Bytes) -> Self {
+        RequestBody { inner: None, full: (!bytes.is_empty()).then_some(bytes), stats: None }
+    }
+
+    /// The length the client declared, when it did.
+    pub fn exact_len(&self) -> Option<u64> {
+        self.size_hint().exact()
     }
 }
 
@@ -52,6 +64,9 @@ impl Body for RequestBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         let this = &mut *self;
+        if let Some(bytes) = this.full.take() {
+            return Poll::Ready(Some(Ok(Frame::data(bytes))));
+        }
         let Some(inner) = &mut this.inner else { return Poll::Ready(None) };
         let res = ready!(Pin::new(&mut *inner).poll_frame(cx));
         if let Some(stats) = &this.stats {
@@ -69,11 +84,15 @@ impl Body for RequestBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.as_ref().is_none_or(Incoming::is_end_stream)
+        self.full.is_none() && self.inner.as_ref().is_none_or(Incoming::is_end_stream)
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.inner.as_ref().map_or_else(|| SizeHint::with_exact(0), Incoming::size_hint)
+        match (&self.full, &self.inner) {
+            (Some(b), _) => SizeHint::with_exact(b.len() as u64),
+            (None, Some(inner)) => inner.size_hint(),
+            (None, None) => SizeHint::with_exact(0),
+        }
     }
 }
 

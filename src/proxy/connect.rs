@@ -110,7 +110,7 @@ impl Connector {
 
 /// `d` scaled by a random factor in [0.5, 1.5). Seeded by std's per-instance random hasher
 /// keys: no RNG crate for a pause that only has to differ between concurrent dials.
-fn jittered(d: Duration) -> Duration {
+pub(crate) fn jittered(d: Duration) -> Duration {
     use std::hash::{BuildHasher, Hasher};
     let r = std::collections::hash_map::RandomState::new().build_hasher().finish();
     d.mul_f64(0.5 + (r % 1024) as f64 / 1024.0)

@@ -3,7 +3,11 @@
 //! linkerd2-proxy's "rescue" does). Nothing here formats per request: bodies and names
 //! are static.
 
+use std::borrow::Cow;
+
 use http::StatusCode;
+
+use crate::outbound::CallError;
 
 use super::connect::PoolError;
 
@@ -24,13 +28,20 @@ pub enum ProxyError {
     ClientBody,
     #[error(transparent)]
     Upstream(#[from] PoolError),
+    /// An outbound call that got no usable answer from its upstream.
+    #[error(transparent)]
+    Outbound(#[from] crate::outbound::CallError),
+    /// An outbound call's `request_timeout` expired, retries included.
+    #[error("upstream {upstream}: request_timeout ({after:?}) expired")]
+    OutboundTimeout { upstream: std::sync::Arc<str>, after: std::time::Duration },
 }
 
 /// A local answer.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Rescue {
     pub status: StatusCode,
-    pub body: &'static str,
+    /// Static, but for outbound answers that name the upstream and what went wrong.
+    pub body: Cow<'static, str>,
     /// The access log's `error` value.
     pub error: &'static str,
 }
@@ -47,8 +58,38 @@ impl ProxyError {
             ProxyError::Timeout => (StatusCode::GATEWAY_TIMEOUT, "app timed out\n", "app_timeout"),
             ProxyError::ClientBody => (StatusCode::BAD_REQUEST, "bad request body\n", "client_body_error"),
             ProxyError::Upstream(e) => (StatusCode::BAD_GATEWAY, "app unavailable\n", e.kind()),
+            ProxyError::Outbound(e) => return outbound(e),
+            ProxyError::OutboundTimeout { .. } => {
+                return Rescue {
+                    status: StatusCode::GATEWAY_TIMEOUT,
+                    body: format!("{self}\n").into(),
+                    error: "upstream_timeout",
+                };
+            }
         };
-        Rescue { status, body, error }
+        Rescue { status, body: body.into(), error }
+    }
+}
+
+/// Outbound answers name the upstream and say what went wrong, for the app's logs.
+fn outbound(e: &CallError) -> Rescue {
+    let (status, error) = match e {
+        CallError::Unavailable { .. } => (StatusCode::SERVICE_UNAVAILABLE, "upstream_unavailable"),
+        CallError::PerTryTimeout { .. } => (StatusCode::GATEWAY_TIMEOUT, "upstream_timeout"),
+        CallError::Failed { source, .. } => (StatusCode::BAD_GATEWAY, outbound_kind(source.kind())),
+        CallError::ClientBody(_) => (StatusCode::BAD_REQUEST, "client_body_error"),
+    };
+    Rescue { status, body: format!("{e}\n").into(), error }
+}
+
+/// The outbound name of a pool error: `upstream_` where inbound says `app_`.
+fn outbound_kind(inbound: &'static str) -> &'static str {
+    match inbound {
+        "app_connection_refused" => "upstream_connection_refused",
+        "app_connect_timeout" => "upstream_connect_timeout",
+        "app_invalid_response" => "upstream_invalid_response",
+        "app_reset" => "upstream_reset",
+        _ => "upstream_connect_error",
     }
 }
 

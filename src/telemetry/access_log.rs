@@ -48,6 +48,8 @@ pub struct AccessRecord {
     pub peer_identity: Option<Arc<str>>,
     pub trace_id: Option<Box<str>>,
     pub error: Option<&'static str>,
+    /// Outbound: the upstream the call went to.
+    pub upstream: Option<Arc<str>>,
 }
 
 #[derive(Serialize)]
@@ -301,7 +303,7 @@ fn write_record(out: &mut impl Write, r: &AccessRecord) -> std::io::Result<()> {
         peer: r.peer.to_string(),
         peer_identity: r.peer_identity.as_deref(),
         trace_id: r.trace_id.as_deref(),
-        upstream: None,
+        upstream: r.upstream.as_deref(),
         error: r.error,
     };
     serde_json::to_writer(&mut *out, &line)?;
@@ -351,6 +353,7 @@ mod tests {
             peer_identity: None,
             trace_id: Some("4bf92f3577b34da6a3ce929d0e0e4736".into()),
             error: None,
+            upstream: None,
         }
     }
 

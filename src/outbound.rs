@@ -1,0 +1,331 @@
+//! The ambassador: calls the app makes to an outbound listener on localhost, carried to the
+//! named upstream's endpoints with balancing, timeouts, budgeted retries and ejection.
+//!
+//! Outbound listeners are served by the same HTTP server as inbound ones (`crate::inbound`:
+//! accept loop, framing guard, limits, drain); what differs is the trip, which is here:
+//! `Upstream::call` picks an endpoint (`balance`), sends the request on that endpoint's pool
+//! (`proxy::pool`, the same HTTP/1.1 client inbound uses), judges the answer, and tries again
+//! elsewhere when that is safe and the budget (`budget`) allows. The endpoint set comes from
+//! `discovery`. Not responsible for headers or the response's way back (`inbound::http`).
+
+mod balance;
+mod budget;
+pub mod discovery;
+mod metrics;
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
+use bytes::Bytes;
+use http::{HeaderName, Method, Request, Response};
+use http_body_util::BodyExt as _;
+use tokio::sync::watch;
+
+use self::balance::{Member, Outcome, Picker};
+use self::budget::Budget;
+pub use self::metrics::{OutboundFamilies, UpstreamMetrics};
+use crate::config::OutboundConfig;
+use crate::net::Addr;
+use crate::proxy::body::RequestBody;
+use crate::proxy::connect::PoolError;
+use crate::proxy::h1;
+use crate::proxy::pool::{EndpointKey, Pool, Proto};
+
+/// A request the app marks safe to send twice, whatever its method (a POST with an
+/// idempotency key, say). Removed before the request leaves.
+pub static RETRYABLE_HEADER: HeaderName = HeaderName::from_static("x-sidecar-retryable");
+
+/// Why a call got no usable answer: each becomes a local reply naming the upstream.
+#[derive(Debug, thiserror::Error)]
+pub enum CallError {
+    /// No endpoint to try: none resolved, or all ejected.
+    #[error("upstream {upstream}: {why}")]
+    Unavailable { upstream: Arc<str>, why: String },
+    /// The last try's `per_try_timeout` expired.
+    #[error("upstream {upstream}: per_try_timeout ({after:?}) expired")]
+    PerTryTimeout { upstream: Arc<str>, after: Duration },
+    /// The last try failed on its connection.
+    #[error("upstream {upstream}: {source}")]
+    Failed { upstream: Arc<str>, source: PoolError },
+    /// The app's request body broke off while it was being read.
+    #[error("request body: {0}")]
+    ClientBody(hyper::Error),
+}
+
+/// One outbound listener's upstream: its endpoints, their state, and the call logic.
+pub struct Upstream {
+    pub name: Arc<str>,
+    config: OutboundConfig,
+    /// What a request's `Host` becomes when the app addressed the sidecar itself
+    /// (`localhost:15001`): the first endpoint as written, which virtual hosts expect.
+    authority: http::HeaderValue,
+    members: ArcSwap<Vec<Arc<Member>>>,
+    /// Removed from the answer while requests were in flight on them.
+    draining: Mutex<Vec<Arc<Member>>>,
+    /// Why the set is empty, when it is (for the 503's body).
+    empty_because: Mutex<String>,
+    /// True once discovery has published its first set: until then a call waits for it.
+    ready: watch::Sender<bool>,
+    pool: Arc<Pool>,
+    picker: Picker,
+    budget: Budget,
+    epoch: Instant,
+    metrics: UpstreamMetrics,
+}
+
+impl Upstream {
+    pub fn new(config: OutboundConfig, metrics: UpstreamMetrics) -> Arc<Self> {
+        let first = &config.upstream.endpoints[0];
+        let authority = http::HeaderValue::from_str(&first.to_string())
+            .unwrap_or_else(|_| http::HeaderValue::from_static("localhost"));
+        Arc::new(Upstream {
+            name: config.name.as_str().into(),
+            authority,
+            members: ArcSwap::from_pointee(Vec::new()),
+            draining: Mutex::new(Vec::new()),
+            empty_because: Mutex::new("its endpoints are not resolved yet".to_owned()),
+            ready: watch::channel(false).0,
+            pool: Pool::new(),
+            picker: Picker::new(),
+            budget: Budget::new(config.retry.budget, config.retry.min_retries_per_second),
+            epoch: Instant::now(),
+            metrics,
+            config,
+        })
+    }
+
+    pub fn config(&self) -> &OutboundConfig {
+        &self.config
+    }
+
+    pub fn authority(&self) -> &http::HeaderValue {
+        &self.authority
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64
+    }
+
+    /// Discovery's new answer: members for new addresses, the same members (and their
+    /// latency and ejection state) for addresses still there, the rest drained.
+    pub(crate) fn publish(&self, addrs: &[SocketAddr], unresolved: usize, why: Option<String>) {
+        let current = self.members.load();
+        let mut next = Vec::with_capacity(addrs.len());
+        for addr in addrs {
+            let member = match current.iter().find(|m| m.addr == *addr) {
+                Some(m) => m.clone(),
+                None => {
+                    let key = EndpointKey { addr: Addr::Tcp(*addr), tls: None, proto: Proto::Http1 };
+                    Member::new(*addr, self.pool.endpoint(key))
+                }
+            };
+            next.push(member);
+        }
+        {
+            let mut draining = self.draining.lock().unwrap_or_else(|p| p.into_inner());
+            for gone in current.iter().filter(|m| !addrs.contains(&m.addr)) {
+                tracing::info!(upstream = %self.name, endpoint = %gone.addr, in_flight = gone.outstanding(), "endpoint left the answer; draining it");
+                draining.push(gone.clone());
+            }
+            draining.retain(|m| m.outstanding() > 0);
+        }
+        // Idle connections to addresses no longer in the set close with their endpoint.
+        self.pool.retain(|k| matches!(k.addr, Addr::Tcp(a) if addrs.contains(&a)));
+        if next.is_empty() {
+            let why = why.unwrap_or_else(|| "no endpoint resolved".to_owned());
+            *self.empty_because.lock().unwrap_or_else(|p| p.into_inner()) = why;
+        }
+        self.members.store(Arc::new(next));
+        self.ready.send_replace(true);
+        self.update_gauges(unresolved);
+    }
+
+    fn update_gauges(&self, unresolved: usize) {
+        let now = self.now_ms();
+        let members = self.members.load();
+        let ejected = members.iter().filter(|m| m.is_ejected(now)).count();
+        let draining = self.draining.lock().unwrap_or_else(|p| p.into_inner()).len();
+        self.metrics.set_endpoints(members.len() - ejected, ejected, draining, unresolved);
+    }
+
+    /// Sends `req` (origin-form, headers ready) to an endpoint, retrying where that is safe.
+    pub async fn call(self: &Arc<Self>, req: Request<RequestBody>) -> Result<Response<h1::Body>, CallError> {
+        let cfg = &self.config;
+        let (parts, body) = req.into_parts();
+        let retryable_request = is_idempotent(&parts.method)
+            || parts
+                .headers
+                .get(&RETRYABLE_HEADER)
+                .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"true"));
+        let mut parts = parts;
+        parts.headers.remove(&RETRYABLE_HEADER);
+        // Kept for a replay only when small and of known size; otherwise it streams once.
+        let replay = if cfg.retry.attempts > 1 && retryable_request {
+            replayable(body, cfg.retry.max_body).await.map_err(CallError::ClientBody)?
+        } else {
+            Err(body)
+        };
+        let (mut body, replay) = match replay {
+            Ok(bytes) => (None, Some(bytes)),
+            Err(body) => (Some(body), None),
+        };
+        if !*self.ready.borrow() {
+            let mut ready = self.ready.subscribe();
+            let _ = tokio::time::timeout(cfg.connect_timeout, ready.wait_for(|r| *r)).await;
+        }
+        self.budget.deposit();
+        let mut last: Option<Arc<Member>> = None;
+        let mut attempt = 1;
+        loop {
+            let Some(member) = self.pick(last.as_ref()) else {
+                return Err(CallError::Unavailable { upstream: self.name.clone(), why: self.why_empty() });
+            };
+            let body = match (&replay, body.take()) {
+                (Some(bytes), _) => RequestBody::full(bytes.clone()),
+                (None, Some(b)) => b,
+                (None, None) => unreachable!("a streamed body is sent once"),
+            };
+            let req = Request::from_parts(clone_parts(&parts), body);
+            let outcome = self.try_once(&member, req).await;
+            let can_retry = attempt < cfg.retry.attempts && replay.is_some();
+            let verdict = self.judge(&outcome, retryable_request);
+            self.record(&member, verdict.failure);
+            match outcome {
+                Ok(resp) if !(verdict.retry && can_retry && self.budget.withdraw()) => return Ok(resp),
+                Err(e) if !(verdict.retry && can_retry && self.budget.withdraw()) => return Err(e),
+                _ => {}
+            }
+            self.metrics.retries.inc();
+            tracing::debug!(upstream = %self.name, endpoint = %member.addr, attempt, "retrying on another endpoint");
+            tokio::time::sleep(crate::proxy::connect::jittered(cfg.retry.backoff * (1 << (attempt - 1))))
+                .await;
+            last = Some(member);
+            attempt += 1;
+        }
+    }
+
+    fn pick(&self, avoid: Option<&Arc<Member>>) -> Option<Arc<Member>> {
+        let members = self.members.load();
+        self.picker.pick(self.config.balance, &members, self.now_ms(), avoid)
+    }
+
+    fn why_empty(&self) -> String {
+        let members = self.members.load();
+        if members.is_empty() {
+            return self.empty_because.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        }
+        format!("all {} endpoints are ejected after consecutive failures", members.len())
+    }
+
+    async fn try_once(
+        &self,
+        member: &Arc<Member>,
+        req: Request<RequestBody>,
+    ) -> Result<Response<h1::Body>, CallError> {
+        let _in_flight = member.start();
+        let started = Instant::now();
+        let send = member.endpoint.send_h1(req, None, self.config.connect_timeout);
+        let result = match self.config.per_try_timeout {
+            Some(t) => match tokio::time::timeout(t, send).await {
+                Ok(r) => r,
+                Err(_) => {
+                    member.observe_latency(t);
+                    return Err(CallError::PerTryTimeout { upstream: self.name.clone(), after: t });
+                }
+            },
+            None => send.await,
+        };
+        match result {
+            Ok(resp) => {
+                member.observe_latency(started.elapsed());
+                Ok(resp)
+            }
+            Err(source) => Err(CallError::Failed { upstream: self.name.clone(), source }),
+        }
+    }
+
+    /// Whether a try's outcome counts against its endpoint, and whether to try again.
+    fn judge(&self, outcome: &Result<Response<h1::Body>, CallError>, retryable_request: bool) -> Verdict {
+        let on = &self.config.retry.on;
+        match outcome {
+            Ok(resp) => {
+                let status = resp.status().as_u16();
+                Verdict {
+                    failure: status >= 500,
+                    retry: retryable_request && on.statuses.binary_search(&status).is_ok(),
+                }
+            }
+            // Never sent: safe for any method.
+            Err(CallError::Failed { source, .. }) if source.is_retryable() => {
+                Verdict { failure: true, retry: on.connect_failure }
+            }
+            Err(CallError::Failed { .. }) => Verdict { failure: true, retry: on.reset && retryable_request },
+            // As Envoy: a try that timed out counts as a 504 from that endpoint.
+            Err(CallError::PerTryTimeout { .. }) => Verdict {
+                failure: true,
+                retry: retryable_request && (on.reset || on.statuses.binary_search(&504).is_ok()),
+            },
+            Err(_) => Verdict { failure: false, retry: false },
+        }
+    }
+
+    /// Feeds the outcome to outlier detection: ejects the endpoint when it crosses
+    /// `consecutive_failures`, unless that would eject more than `max_ejected`.
+    fn record(self: &Arc<Self>, member: &Arc<Member>, failure: bool) {
+        let outlier = &self.config.outlier;
+        let outcome = if failure { Outcome::Failure } else { Outcome::Success };
+        let now = self.now_ms();
+        let Some(time) = member.record(outcome, outlier, now) else { return };
+        let members = self.members.load();
+        let ejected = members.iter().filter(|m| m.is_ejected(now)).count();
+        // As Envoy: at least one endpoint may always be ejected.
+        let allowed = ((members.len() as f64 * outlier.max_ejected).floor() as usize).max(1);
+        if ejected >= allowed || member.is_ejected(now) {
+            return;
+        }
+        member.eject(now + time.as_millis() as u64);
+        tracing::warn!(upstream = %self.name, endpoint = %member.addr, for_ = ?time, failures = outlier.consecutive_failures, "endpoint ejected after consecutive failures");
+        self.update_gauges(self.metrics.unresolved());
+        let (me, member) = (Arc::downgrade(self), member.clone());
+        tokio::spawn(async move {
+            tokio::time::sleep(time).await;
+            if let Some(me) = me.upgrade() {
+                tracing::info!(upstream = %me.name, endpoint = %member.addr, "ejection over; endpoint back in rotation");
+                me.update_gauges(me.metrics.unresolved());
+            }
+        });
+    }
+}
+
+struct Verdict {
+    failure: bool,
+    retry: bool,
+}
+
+/// RFC 9110 §9.2.2: a repeat has the effect of one request.
+fn is_idempotent(m: &Method) -> bool {
+    matches!(*m, Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE | Method::TRACE)
+}
+
+/// The body as bytes when it is empty or declares a length within `max`; else the body
+/// back, untouched, to stream once.
+async fn replayable(body: RequestBody, max: u64) -> Result<Result<Bytes, RequestBody>, hyper::Error> {
+    if http_body::Body::is_end_stream(&body) {
+        return Ok(Ok(Bytes::new()));
+    }
+    match body.exact_len() {
+        Some(n) if n <= max => Ok(Ok(body.collect().await?.to_bytes())),
+        _ => Ok(Err(body)),
+    }
+}
+
+fn clone_parts(p: &http::request::Parts) -> http::request::Parts {
+    let mut req = Request::new(());
+    *req.method_mut() = p.method.clone();
+    *req.uri_mut() = p.uri.clone();
+    *req.version_mut() = p.version;
+    *req.headers_mut() = p.headers.clone();
+    req.into_parts().0
+}

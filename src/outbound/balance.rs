@@ -1,0 +1,276 @@
+//! Choosing an endpoint for each try, and the per-endpoint state the choice reads: a
+//! peak-EWMA of response latency, requests outstanding, and outlier ejection.
+//!
+//! P2C-EWMA as Finagle and Linkerd do it: pick two endpoints at random and take the one with
+//! the lower cost, latency × (outstanding + 1). A slow endpoint's cost rises at its first slow
+//! answer (the "peak" part: a slower sample replaces the average at once, faster ones decay
+//! into it over `DECAY`), so it gets less traffic within a few requests, and it is tried again
+//! as its average decays. Not responsible for the endpoint set (`discovery`) or for retries.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use crate::config::{Balance, OutlierConfig};
+use crate::proxy::pool::Endpoint;
+
+/// How fast the latency average forgets (Linkerd's default decay).
+const DECAY: Duration = Duration::from_secs(10);
+/// The cost of an endpoint with no sample yet: optimistic enough that new endpoints are
+/// tried, not so low that they take all the traffic at once (Linkerd's default RTT).
+const DEFAULT_RTT: Duration = Duration::from_millis(30);
+
+/// One address of an upstream, as discovery found it.
+pub struct Member {
+    pub addr: SocketAddr,
+    pub endpoint: Arc<Endpoint>,
+    outstanding: AtomicUsize,
+    ewma: Mutex<Ewma>,
+    /// Failures in a row (connect failures, resets, 5xx); reset by a success.
+    failures: AtomicU32,
+    /// How many times it was ejected; each ejection lasts this many `base_ejection`s.
+    ejections: AtomicU32,
+    /// Milliseconds since the upstream's epoch until which it is (or was last) ejected.
+    ejected_until: AtomicU64,
+}
+
+struct Ewma {
+    nanos: f64,
+    at: Instant,
+}
+
+/// What one try's outcome means for its endpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    Success,
+    Failure,
+}
+
+impl Member {
+    pub fn new(addr: SocketAddr, endpoint: Arc<Endpoint>) -> Arc<Self> {
+        Arc::new(Member {
+            addr,
+            endpoint,
+            outstanding: AtomicUsize::new(0),
+            ewma: Mutex::new(Ewma { nanos: DEFAULT_RTT.as_nanos() as f64, at: Instant::now() }),
+            failures: AtomicU32::new(0),
+            ejections: AtomicU32::new(0),
+            ejected_until: AtomicU64::new(0),
+        })
+    }
+
+    pub fn outstanding(&self) -> usize {
+        self.outstanding.load(Ordering::Relaxed)
+    }
+
+    pub fn is_ejected(&self, now_ms: u64) -> bool {
+        self.ejected_until.load(Ordering::Relaxed) > now_ms
+    }
+
+    fn cost(&self) -> f64 {
+        let ewma = self.ewma.lock().unwrap_or_else(|p| p.into_inner()).nanos;
+        ewma * (self.outstanding() + 1) as f64
+    }
+
+    /// Counts a try as outstanding until the guard is dropped.
+    pub fn start(self: &Arc<Self>) -> InFlight {
+        self.outstanding.fetch_add(1, Ordering::Relaxed);
+        InFlight(self.clone())
+    }
+
+    /// A response head arrived after `rtt`: fold it into the average.
+    pub fn observe_latency(&self, rtt: Duration) {
+        let mut e = self.ewma.lock().unwrap_or_else(|p| p.into_inner());
+        let now = Instant::now();
+        let sample = rtt.as_nanos() as f64;
+        if sample > e.nanos {
+            e.nanos = sample;
+        } else {
+            let w = (-(now.duration_since(e.at).as_secs_f64()) / DECAY.as_secs_f64()).exp();
+            e.nanos = e.nanos * w + sample * (1.0 - w);
+        }
+        e.at = now;
+    }
+
+    /// Records an outcome; returns how long to eject the endpoint for when this failure is
+    /// the one that crosses `consecutive_failures` (the caller checks `max_ejected`).
+    pub fn record(&self, outcome: Outcome, outlier: &OutlierConfig, now_ms: u64) -> Option<Duration> {
+        match outcome {
+            Outcome::Success => {
+                self.failures.store(0, Ordering::Relaxed);
+                self.forgive(now_ms, outlier.base_ejection);
+                None
+            }
+            Outcome::Failure => {
+                let n = self.failures.fetch_add(1, Ordering::Relaxed) + 1;
+                if outlier.consecutive_failures == 0 || n < outlier.consecutive_failures {
+                    return None;
+                }
+                let times = self.ejections.load(Ordering::Relaxed) + 1;
+                Some((outlier.base_ejection * times).min(outlier.max_ejection))
+            }
+        }
+    }
+
+    /// Ejects until `until_ms`; the failure count starts again, so that after the ejection
+    /// one more failure does not eject it at once, but a run of them does, for longer.
+    pub fn eject(&self, until_ms: u64) {
+        self.failures.store(0, Ordering::Relaxed);
+        self.ejections.fetch_add(1, Ordering::Relaxed);
+        self.ejected_until.store(until_ms, Ordering::Relaxed);
+    }
+
+    /// A success a `base_ejection` or more after the last ejection ended makes the next
+    /// ejection one step shorter (as Envoy decrements its multiplier while a host stays
+    /// healthy); the step is taken once per `base_ejection`.
+    fn forgive(&self, now_ms: u64, base: Duration) {
+        let until = self.ejected_until.load(Ordering::Relaxed);
+        if self.ejections.load(Ordering::Relaxed) == 0 || now_ms < until + base.as_millis() as u64 {
+            return;
+        }
+        if self.ejected_until.compare_exchange(until, now_ms, Ordering::Relaxed, Ordering::Relaxed).is_ok() {
+            let _ = self.ejections.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1));
+        }
+    }
+}
+
+/// One try outstanding on a member.
+pub struct InFlight(Arc<Member>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.outstanding.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Picks among `members` those not ejected and not `avoid` (the endpoint the last try
+/// failed on, when another one exists).
+pub struct Picker {
+    /// A xorshift state: random enough to spread picks, with no lock and no RNG crate.
+    seed: AtomicU64,
+    next: AtomicUsize,
+}
+
+impl Picker {
+    pub fn new() -> Self {
+        use std::hash::{BuildHasher, Hasher};
+        let seed = std::collections::hash_map::RandomState::new().build_hasher().finish() | 1;
+        Picker { seed: AtomicU64::new(seed), next: AtomicUsize::new(0) }
+    }
+
+    fn random(&self) -> u64 {
+        // Races between threads only repeat a value now and then: harmless for balancing.
+        let mut x = self.seed.load(Ordering::Relaxed);
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        self.seed.store(x, Ordering::Relaxed);
+        x
+    }
+
+    pub fn pick(
+        &self,
+        how: Balance,
+        members: &[Arc<Member>],
+        now_ms: u64,
+        avoid: Option<&Arc<Member>>,
+    ) -> Option<Arc<Member>> {
+        let usable = |m: &&Arc<Member>| !m.is_ejected(now_ms);
+        let count = members.iter().filter(usable).count();
+        let eligible =
+            |m: &&Arc<Member>| usable(m) && (count < 2 || avoid.is_none_or(|a| !Arc::ptr_eq(a, m)));
+        let n = members.iter().filter(eligible).count();
+        let nth = |i: usize| members.iter().filter(eligible).nth(i).cloned();
+        match n {
+            0 => None,
+            1 => nth(0),
+            _ => match how {
+                Balance::RoundRobin => nth(self.next.fetch_add(1, Ordering::Relaxed) % n),
+                Balance::P2cEwma => {
+                    let r = self.random();
+                    let a = (r % n as u64) as usize;
+                    // A second index that differs from the first.
+                    let b = (a + 1 + ((r >> 32) % (n as u64 - 1)) as usize) % n;
+                    let (a, b) = (nth(a)?, nth(b)?);
+                    Some(if a.cost() <= b.cost() { a } else { b })
+                }
+            },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::net::Addr;
+    use crate::proxy::pool::{EndpointKey, Pool, Proto};
+
+    fn members(n: u16) -> Vec<Arc<Member>> {
+        let pool = Pool::new();
+        (0..n)
+            .map(|i| {
+                let addr = SocketAddr::from(([127, 0, 0, 1], 1000 + i));
+                let key = EndpointKey { addr: Addr::Tcp(addr), tls: None, proto: Proto::Http1 };
+                Member::new(addr, pool.endpoint(key))
+            })
+            .collect()
+    }
+
+    #[test]
+    fn p2c_sends_less_to_the_slow_endpoint() {
+        let m = members(3);
+        m[0].observe_latency(Duration::from_millis(200));
+        m[1].observe_latency(Duration::from_millis(2));
+        m[2].observe_latency(Duration::from_millis(2));
+        let p = Picker::new();
+        let mut hits = [0; 3];
+        for _ in 0..3000 {
+            let chosen = p.pick(Balance::P2cEwma, &m, 0, None).unwrap();
+            hits[m.iter().position(|x| Arc::ptr_eq(x, &chosen)).unwrap()] += 1;
+        }
+        // Never chosen when compared with a fast one; both fast ones take traffic.
+        assert_eq!(hits[0], 0, "{hits:?}");
+        assert!(hits[1] > 500 && hits[2] > 500, "{hits:?}");
+    }
+
+    #[test]
+    fn outstanding_requests_raise_the_cost() {
+        let m = members(2);
+        let _busy: Vec<_> = (0..5).map(|_| m[0].start()).collect();
+        let p = Picker::new();
+        for _ in 0..100 {
+            assert!(Arc::ptr_eq(&p.pick(Balance::P2cEwma, &m, 0, None).unwrap(), &m[1]));
+        }
+    }
+
+    #[test]
+    fn ejected_and_avoided_endpoints_are_skipped() {
+        let m = members(3);
+        let outlier = OutlierConfig {
+            consecutive_failures: 2,
+            base_ejection: Duration::from_secs(30),
+            max_ejection: Duration::from_secs(300),
+            max_ejected: 0.5,
+        };
+        assert_eq!(m[0].record(Outcome::Failure, &outlier, 0), None);
+        assert_eq!(m[0].record(Outcome::Failure, &outlier, 0), Some(Duration::from_secs(30)));
+        m[0].eject(1000);
+        let p = Picker::new();
+        for _ in 0..100 {
+            let chosen = p.pick(Balance::RoundRobin, &m, 500, Some(&m[1])).unwrap();
+            assert!(Arc::ptr_eq(&chosen, &m[2]));
+        }
+        // After its time it is back; the next ejection lasts twice as long.
+        assert!(!m[0].is_ejected(1000));
+        m[0].record(Outcome::Failure, &outlier, 1000);
+        assert_eq!(m[0].record(Outcome::Failure, &outlier, 1000), Some(Duration::from_secs(60)));
+        // A success a base ejection after it ended: one step shorter again.
+        m[0].record(Outcome::Success, &outlier, 1000 + 30_000);
+        m[0].record(Outcome::Failure, &outlier, 1000 + 30_001);
+        assert_eq!(m[0].record(Outcome::Failure, &outlier, 1000 + 30_001), Some(Duration::from_secs(30)));
+        // The only endpoint left is used even if the last try failed on it.
+        let one = &m[2..];
+        assert!(p.pick(Balance::P2cEwma, one, 0, Some(&m[2])).is_some());
+    }
+}
