@@ -28,6 +28,10 @@ pub struct DemoAddrs {
     pub mtls: SocketAddr,
     pub admin: SocketAddr,
     pub app: SocketAddr,
+    /// The outbound (ambassador) listener the app would call.
+    pub outbound: SocketAddr,
+    /// Two demo upstreams behind it: a steady one and a flaky one.
+    pub upstreams: [SocketAddr; 2],
     /// Where the demo's CA and certificates are written (replaced at every start).
     pub certs: std::path::PathBuf,
 }
@@ -73,6 +77,14 @@ inbound:
       key: {certs}/server/tls.key
       client_ca: {certs}/ca/ca.crt
       allowed_identities: [\"{client_id}\"]
+outbound:
+  - name: orders
+    listen: {outbound}
+    upstream:
+      endpoints: [\"{steady}\", \"{flaky}\"]
+    balance: round-robin
+    retry: {{ attempts: 2, on: [connect-failure, reset, 503] }}
+    outlier: {{ consecutive_failures: 2, base_ejection: 10s }}
 telemetry:
   log_level: info
   access_log: {{ enabled: true, format: json, path: stdout }}
@@ -86,6 +98,9 @@ shutdown:
         mtls = addrs.mtls,
         certs = addrs.certs.display(),
         client_id = CLIENT_ID,
+        outbound = addrs.outbound,
+        steady = addrs.upstreams[0],
+        flaky = addrs.upstreams[1],
     )
 }
 
@@ -94,15 +109,38 @@ pub fn config(addrs: &DemoAddrs) -> Result<Config, config::ConfigError> {
     config::parse(std::path::Path::new("<demo>"), &config_text(addrs))
 }
 
-/// Starts the demo app on its own thread. Returns once it is listening.
-pub fn start_app(addr: SocketAddr) -> std::io::Result<()> {
-    let listener = std::net::TcpListener::bind(addr)?;
-    listener.set_nonblocking(true)?;
+/// Starts the demo app and the two demo upstreams, each listening on its own address, on
+/// a thread of their own. Returns once they are listening.
+pub fn start_app(addrs: &DemoAddrs) -> std::io::Result<()> {
+    let bind = |addr: SocketAddr| {
+        let l = std::net::TcpListener::bind(addr)
+            .map_err(|e| std::io::Error::new(e.kind(), format!("binding {addr}: {e}")))?;
+        l.set_nonblocking(true)?;
+        Ok::<_, std::io::Error>(l)
+    };
+    let app = bind(addrs.app)?;
+    let steady = bind(addrs.upstreams[0])?;
+    let flaky = bind(addrs.upstreams[1])?;
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-    std::thread::Builder::new()
-        .name("demo-app".into())
-        .spawn(move || runtime.block_on(serve_app(listener)))?;
+    std::thread::Builder::new().name("demo-app".into()).spawn(move || {
+        runtime.block_on(async move {
+            tokio::spawn(serve(steady, Server::Upstream { name: "steady", fail_two_in: 0 }));
+            tokio::spawn(serve(flaky, Server::Upstream { name: "flaky", fail_two_in: 3 }));
+            serve(app, Server::App).await
+        })
+    })?;
     Ok(())
+}
+
+/// What a demo server is: the app, or an upstream the app calls through the sidecar.
+#[derive(Clone, Copy)]
+enum Server {
+    App,
+    /// Answers `/` with its name; two requests in every `fail_two_in` get a 503.
+    Upstream {
+        name: &'static str,
+        fail_two_in: u64,
+    },
 }
 
 /// What the demo prints on start.
@@ -127,12 +165,18 @@ Try these (the access log appears below, one JSON line per request):
   curl -s {admin}/config
   python3 -m websockets ws://{listen}/ws     (WebSocket echo)
 
+The app's outbound calls (ambassador): {outbound} carries them to two upstreams, one of
+which fails two requests in three; retries hide it and ejection takes it out of rotation:
+  for i in $(seq 20); do curl -s http://{outbound}/; done
+  curl -s {admin}/metrics | grep -E 'sidecar_outbound_(requests|retries|endpoints)'
+
 Config in use:
 {config}
 Ctrl-C drains and exits.
 ",
         listen = addrs.listen,
         app = addrs.app,
+        outbound = addrs.outbound,
         certs = addrs.certs.display(),
         https_port = addrs.https.port(),
         mtls_port = addrs.mtls.port(),
@@ -142,16 +186,28 @@ Ctrl-C drains and exits.
 
 type AppBody = BoxBody<Bytes, hyper::Error>;
 
-async fn serve_app(listener: std::net::TcpListener) {
+async fn serve(listener: std::net::TcpListener, role: Server) {
     let Ok(listener) = tokio::net::TcpListener::from_std(listener) else {
         return;
     };
+    let served = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
     loop {
         let Ok((stream, _)) = listener.accept().await else {
             continue;
         };
+        let served = served.clone();
         tokio::spawn(async move {
-            let svc = service_fn(|req| async move { Ok::<_, Infallible>(app(req).await) });
+            let svc = service_fn(move |req| {
+                let n = served.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+                async move {
+                    Ok::<_, Infallible>(match role {
+                        Server::App => app(req).await,
+                        Server::Upstream { name, fail_two_in } => {
+                            upstream(name, fail_two_in != 0 && n % fail_two_in != 0)
+                        }
+                    })
+                }
+            });
             let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
                 .serve_connection_with_upgrades(TokioIo::new(stream), svc)
                 .await;
@@ -212,6 +268,14 @@ async fn app(mut req: Request<Incoming>) -> Response<AppBody> {
             "demo app: try /, /echo, /slow?ms=N, /status/N, /ws, /healthz\n",
         ),
     }
+}
+
+fn upstream(name: &str, fail: bool) -> Response<AppBody> {
+    if fail {
+        return full(StatusCode::SERVICE_UNAVAILABLE, "text/plain", format!("{name}: failing this one\n"));
+    }
+    let body = serde_json::json!({ "upstream": name, "message": "hello from a demo upstream" });
+    full(StatusCode::OK, "application/json", format!("{body}\n"))
 }
 
 /// A WebSocket echo (RFC 6455): answers the handshake, then sends back every message.

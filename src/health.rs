@@ -1,6 +1,8 @@
 //! Watches the app's health and feeds readiness: an HTTP GET of `app.health.path` (2xx is
 //! healthy) or, without one, a TCP connect to `app.address`.
 //!
+//! A config with no inbound listener and no `app.health` is not gated on the app at all.
+//!
 //! The app is ready after one passing check and unready after `FAILURES_TO_UNREADY` failing
 //! ones in a row, so one slow GC pause does not pull the pod out of its Service.
 
@@ -56,7 +58,21 @@ pub async fn run(
     let mut failures = 0u32;
     let mut healthy = false;
     loop {
-        let app = config.borrow_and_update().app.clone();
+        let (app, ungated) = {
+            let c = config.borrow_and_update();
+            // An ambassador-only sidecar does not stand in front of the app: unless told how
+            // to check it (`app.health`), the app's health is not its readiness.
+            (c.app.clone(), c.inbound.is_empty() && c.app.health.is_none())
+        };
+        if ungated {
+            ready.set(true);
+            gauge.set(1);
+            tokio::select! {
+                changed = config.changed() => if changed.is_err() { return },
+                _ = drain.signaled() => return,
+            }
+            continue;
+        }
         let (interval, timeout) = match &app.health {
             Some(h) => (h.interval, h.timeout),
             None => (TCP_CHECK_INTERVAL, TCP_CHECK_INTERVAL),

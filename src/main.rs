@@ -58,9 +58,12 @@ enum Command {
         /// Where the admin server listens (/metrics, /ready, ...).
         #[arg(long, default_value = "127.0.0.1:15000")]
         admin: SocketAddr,
-        /// Where the demo app listens.
+        /// Where the demo app listens; the two demo upstreams take the next two ports.
         #[arg(long, default_value = "127.0.0.1:18080")]
         app: SocketAddr,
+        /// Where the outbound (ambassador) listener the app would call listens.
+        #[arg(long, default_value = "127.0.0.1:15001")]
+        outbound: SocketAddr,
     },
     /// A dev CA and workload certificates, for mTLS without a mesh.
     Certs {
@@ -101,14 +104,16 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Run { config } => run(config),
         Command::Check { config } => return check(config),
-        Command::Demo { listen, https, mtls, admin, app } => {
+        Command::Demo { listen, https, mtls, admin, app, outbound } => {
             let certs = std::env::temp_dir().join(format!("sidecar-demo-{}", listen.port()));
-            run_demo(demo::DemoAddrs { listen, https, mtls, admin, app, certs })
+            let next = |n: u16| SocketAddr::new(app.ip(), app.port().wrapping_add(n));
+            let upstreams = [next(1), next(2)];
+            run_demo(demo::DemoAddrs { listen, https, mtls, admin, app, outbound, upstreams, certs })
         }
         Command::Certs { action } => certs(action),
         Command::Version => {
             println!(
-                "sidecar {} (commit {})\nfeatures: http1 http2 grpc websocket tcp tls mtls admin metrics access-log hot-reload",
+                "sidecar {} (commit {})\nfeatures: http1 http2 grpc websocket tcp tls mtls admin metrics access-log hot-reload outbound",
                 env!("CARGO_PKG_VERSION"),
                 env!("SIDECAR_GIT_COMMIT"),
             );
@@ -183,7 +188,7 @@ fn run_demo(addrs: demo::DemoAddrs) -> anyhow::Result<Exit> {
     demo::make_certs(&addrs).context("writing the demo's certificates")?;
     let config = demo::config(&addrs)?;
     let log = logging::init(&config.telemetry.log_level, LogFormat::Text)?;
-    demo::start_app(addrs.app).with_context(|| format!("starting the demo app on {}", addrs.app))?;
+    demo::start_app(&addrs).context("starting the demo app and upstreams")?;
     eprintln!("{}", demo::banner(&addrs));
     app::run(config, None, Some(log))
 }

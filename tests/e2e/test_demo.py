@@ -24,8 +24,9 @@ def _curl_lines(text):
 def test_demo_prints_working_curl_lines_and_exits_0_on_ctrl_c(tmp_path):
     # The defaults are 127.0.0.1:15000 (admin), :15006 (proxy) and :18080 (app); free ports
     # here so the test runs beside anything else on the machine.
-    ADMIN, PROXY, APP = free_port(), free_port(), free_port()
-    args = ["demo", "--admin", f"127.0.0.1:{ADMIN}", "--listen", f"127.0.0.1:{PROXY}", "--app", f"127.0.0.1:{APP}"]
+    ADMIN, PROXY, APP, OUT = free_port(), free_port(), free_port(), free_port()
+    args = ["demo", "--admin", f"127.0.0.1:{ADMIN}", "--listen", f"127.0.0.1:{PROXY}", "--app", f"127.0.0.1:{APP}",
+            "--outbound", f"127.0.0.1:{OUT}"]
     out_f, err_f = tmp_path / "demo.stdout", tmp_path / "demo.stderr"
     with open(out_f, "wb") as out, open(err_f, "wb") as err:
         p = subprocess.Popen([str(SIDECAR_BIN), *args], stdout=out, stderr=err, stdin=subprocess.DEVNULL, start_new_session=True, preexec_fn=die_with_parent)
@@ -73,6 +74,15 @@ def test_demo_prints_working_curl_lines_and_exits_0_on_ctrl_c(tmp_path):
         assert saw_json, f"none of {runnable[:3]} answered JSON"
         wait_until(lambda: access_records() > before_log, 5, what="an access-log line from the demo")
         wait_until(lambda: requests_total() > before_metric, 5, what="/metrics to count the demo requests")
+
+        # The outbound listener the banner shows: one upstream fails every third request,
+        # and retries hide it from the caller.
+        assert any(f":{OUT}" in c for c in lines), f"no curl line uses the outbound port {OUT}: {lines}"
+        statuses = [http_request(OUT, "/", timeout=5).status for _ in range(30)]
+        assert statuses == [200] * 30, statuses
+        m = Metrics(http_request(ADMIN, "/metrics").body.decode())
+        assert m.value("sidecar_outbound_requests_total", upstream="orders", status_code="200") == 30
+        assert m.value("sidecar_outbound_retries_total", upstream="orders") >= 1
     finally:
         if p.poll() is None:
             p.send_signal(signal.SIGINT)
