@@ -203,7 +203,7 @@ async fn serve(listener: std::net::TcpListener, role: Server) {
                     Ok::<_, Infallible>(match role {
                         Server::App => app(req).await,
                         Server::Upstream { name, fail_two_in } => {
-                            upstream(name, fail_two_in != 0 && n % fail_two_in != 0)
+                            upstream(name, fail_two_in != 0 && !n.is_multiple_of(fail_two_in))
                         }
                     })
                 }
