@@ -23,7 +23,9 @@ pub mod telemetry;
 pub use admin::AdminConfig;
 pub use app::{AppConfig, HealthConfig, HttpVersion};
 pub use inbound::{InboundConfig, InboundTls, Limits, Protocol};
-pub use outbound::{Balance, EndpointName, OutboundConfig, OutlierConfig, RetryConfig, UpstreamConfig};
+pub use outbound::{
+    Balance, EndpointName, OutboundConfig, OutlierConfig, RetryConfig, UpstreamConfig, UpstreamTls,
+};
 pub use parse::parse_socket_addr;
 pub use runtime::RuntimeConfig;
 pub use shutdown::ShutdownConfig;

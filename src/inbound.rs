@@ -36,6 +36,7 @@ use crate::outbound::{OutboundFamilies, Upstream, discovery};
 use crate::proxy::pool::{Endpoint, EndpointKey, Pool, Proto};
 use crate::telemetry::AccessLog;
 use crate::tls::ServerTls;
+use crate::tls::client::ClientTls;
 
 /// Pending connections the kernel queues per listener (what nginx and Envoy use).
 const BACKLOG: u32 = 1024;
@@ -209,7 +210,14 @@ impl Inbound {
         }
         let err = |error| ApplyError::Resolver { name: o.name.clone(), error };
         let resolver = discovery::resolver(&o.upstream).map_err(err)?;
-        let up = Upstream::new(o.clone(), self.families.upstreams.upstream(&o.name));
+        let tls = match &o.upstream.tls {
+            Some(files) => Some(
+                ClientTls::load(files, &o.upstream.endpoints[0].host, &self.files, &o.name)
+                    .map_err(|error| ApplyError::Tls { name: o.name.clone(), error })?,
+            ),
+            None => None,
+        };
+        let up = Upstream::new(o.clone(), tls, self.families.upstreams.upstream(&o.name));
         let run = discovery::run(Arc::downgrade(&up), o.upstream.clone(), resolver, self.drain.clone());
         tokio::spawn(run.instrument(tracing::info_span!("discovery", upstream = %o.name)));
         Ok(up)

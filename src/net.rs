@@ -99,6 +99,9 @@ impl Serialize for Addr {
 pub enum Stream {
     Tcp(TcpStream),
     Unix(UnixStream),
+    /// TLS originated to an upstream (outbound `upstream.tls`). Boxed: the session state
+    /// is large, and most streams are plain.
+    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
 }
 
 impl Stream {
@@ -111,6 +114,7 @@ impl Stream {
         let ready = match self {
             Stream::Tcp(s) => s.poll_read_ready(&mut cx),
             Stream::Unix(s) => s.poll_read_ready(&mut cx),
+            Stream::Tls(s) => s.get_ref().0.poll_read_ready(&mut cx),
         };
         if ready.is_pending() {
             return true;
@@ -119,6 +123,9 @@ impl Stream {
         let read = match self {
             Stream::Tcp(s) => s.try_read(&mut probe),
             Stream::Unix(s) => s.try_read(&mut probe),
+            // Reading would consume a TLS record (a close_notify, most likely): an idle TLS
+            // connection with anything to read is treated as closing.
+            Stream::Tls(_) => return false,
         };
         matches!(read, Err(e) if e.kind() == io::ErrorKind::WouldBlock)
     }
@@ -129,6 +136,7 @@ macro_rules! both {
         match $self.get_mut() {
             Stream::Tcp($s) => $e,
             Stream::Unix($s) => $e,
+            Stream::Tls($s) => $e,
         }
     };
 }
@@ -156,6 +164,7 @@ impl AsyncWrite for Stream {
         match self {
             Stream::Tcp(s) => s.is_write_vectored(),
             Stream::Unix(s) => s.is_write_vectored(),
+            Stream::Tls(s) => s.is_write_vectored(),
         }
     }
 

@@ -31,7 +31,8 @@ use crate::net::Addr;
 use crate::proxy::body::RequestBody;
 use crate::proxy::connect::PoolError;
 use crate::proxy::h1;
-use crate::proxy::pool::{EndpointKey, Pool, Proto};
+use crate::proxy::pool::{EndpointKey, Pool, Proto, TlsKey};
+use crate::tls::client::ClientTls;
 
 /// A request the app marks safe to send twice, whatever its method (a POST with an
 /// idempotency key, say). Removed before the request leaves.
@@ -69,6 +70,8 @@ pub struct Upstream {
     /// True once discovery has published its first set: until then a call waits for it.
     ready: watch::Sender<bool>,
     pool: Arc<Pool>,
+    /// TLS origination to every endpoint, when configured.
+    tls: Option<Arc<ClientTls>>,
     picker: Picker,
     budget: Budget,
     epoch: Instant,
@@ -76,7 +79,7 @@ pub struct Upstream {
 }
 
 impl Upstream {
-    pub fn new(config: OutboundConfig, metrics: UpstreamMetrics) -> Arc<Self> {
+    pub fn new(config: OutboundConfig, tls: Option<Arc<ClientTls>>, metrics: UpstreamMetrics) -> Arc<Self> {
         let first = &config.upstream.endpoints[0];
         let authority = http::HeaderValue::from_str(&first.to_string())
             .unwrap_or_else(|_| http::HeaderValue::from_static("localhost"));
@@ -88,6 +91,7 @@ impl Upstream {
             empty_because: Mutex::new("its endpoints are not resolved yet".to_owned()),
             ready: watch::channel(false).0,
             pool: Pool::new(),
+            tls,
             picker: Picker::new(),
             budget: Budget::new(config.retry.budget, config.retry.min_retries_per_second),
             epoch: Instant::now(),
@@ -117,8 +121,16 @@ impl Upstream {
             let member = match current.iter().find(|m| m.addr == *addr) {
                 Some(m) => m.clone(),
                 None => {
-                    let key = EndpointKey { addr: Addr::Tcp(*addr), tls: None, proto: Proto::Http1 };
-                    Member::new(*addr, self.pool.endpoint(key))
+                    let tls = self.config.upstream.tls.as_ref().map(|t| TlsKey {
+                        server_name: t
+                            .server_name
+                            .as_deref()
+                            .unwrap_or(&self.config.upstream.endpoints[0].host)
+                            .into(),
+                        identity: t.identity.as_deref().map(Into::into),
+                    });
+                    let key = EndpointKey { addr: Addr::Tcp(*addr), tls, proto: Proto::Http1 };
+                    Member::new(*addr, self.pool.endpoint_with(key, self.tls.clone()))
                 }
             };
             next.push(member);
@@ -242,7 +254,15 @@ impl Upstream {
                 member.observe_latency(started.elapsed());
                 Ok(resp)
             }
-            Err(source) => Err(CallError::Failed { upstream: self.name.clone(), source }),
+            Err(source) => {
+                if let PoolError::Connect { .. } | PoolError::ConnectTimeout { .. } | PoolError::Tls { .. } =
+                    source
+                {
+                    let kind = source.kind();
+                    self.metrics.connect_error(kind.strip_prefix("app_").unwrap_or(kind));
+                }
+                Err(CallError::Failed { upstream: self.name.clone(), source })
+            }
         }
     }
 

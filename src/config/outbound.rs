@@ -65,7 +65,17 @@ struct RawUpstream {
     dns_refresh: Option<Scalar>,
     resolv_conf: Option<PathBuf>,
     http: Option<HttpVersion>,
-    tls: Option<serde_yaml_ng::Value>,
+    tls: Option<RawUpstreamTls>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawUpstreamTls {
+    ca: Option<PathBuf>,
+    cert: Option<PathBuf>,
+    key: Option<PathBuf>,
+    server_name: Option<String>,
+    identity: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -119,6 +129,22 @@ pub struct UpstreamConfig {
     pub dns_refresh: Duration,
     pub resolv_conf: PathBuf,
     pub http: HttpVersion,
+    /// Originate TLS to every endpoint. `None`: plain text.
+    pub tls: Option<UpstreamTls>,
+}
+
+/// Paths only: the key's content is read into rustls and nowhere else.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct UpstreamTls {
+    /// Roots the server's chain must lead to; `None`: the system's.
+    pub ca: Option<PathBuf>,
+    /// The workload's certificate and key, presented to servers that ask (mTLS).
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+    /// SNI and the name checked when `identity` is not set; default: the first endpoint's host.
+    pub server_name: Option<String>,
+    /// The server's SPIFFE ID (or DNS SAN); set, it replaces the host name check.
+    pub identity: Option<String>,
 }
 
 /// What a failed try may be retried on.
@@ -282,10 +308,22 @@ fn validate_upstream(at: &str, raw: Option<RawUpstream>, cx: &mut Ctx) -> Upstre
     if http != HttpVersion::Http1 {
         cx.bad(format!("{at}.http"), "HTTP/2 to upstreams is not in this build yet; use `http1`");
     }
-    if raw.tls.is_some() {
-        cx.bad(format!("{at}.tls"), "TLS origination is not in this build yet; remove `tls`");
-    }
+    let tls = raw.tls.map(|t| {
+        if t.cert.is_some() != t.key.is_some() {
+            cx.bad(format!("{at}.tls"), "`cert` and `key` go together: set both (mTLS) or neither");
+        }
+        if t.identity.as_deref().is_some_and(|i| i.trim().is_empty()) {
+            cx.bad(format!("{at}.tls.identity"), "is empty");
+        }
+        if let Some(n) = &t.server_name
+            && rustls_pki_types::ServerName::try_from(n.as_str()).is_err()
+        {
+            cx.bad(format!("{at}.tls.server_name"), format!("`{n}` is not a DNS name or an IP address"));
+        }
+        UpstreamTls { ca: t.ca, cert: t.cert, key: t.key, server_name: t.server_name, identity: t.identity }
+    });
     UpstreamConfig {
+        tls,
         endpoints,
         dns_refresh: cx.positive_duration(
             &format!("{at}.dns_refresh"),

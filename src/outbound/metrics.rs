@@ -21,15 +21,32 @@ struct StateLabels {
     state: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabels {
+    upstream: String,
+    reason: &'static str,
+}
+
 #[derive(Clone)]
 pub struct OutboundFamilies {
     retries: Family<UpstreamLabels, Counter>,
     endpoints: Family<StateLabels, Gauge>,
+    connect_errors: Family<ReasonLabels, Counter>,
 }
 
 impl OutboundFamilies {
     pub fn register(registry: &mut Registry) -> Self {
-        let f = OutboundFamilies { retries: Family::default(), endpoints: Family::default() };
+        let f = OutboundFamilies {
+            retries: Family::default(),
+            endpoints: Family::default(),
+            connect_errors: Family::default(),
+        };
+        registry.register(
+            "outbound_connect_errors",
+            "Connections to upstream endpoints that failed, by reason (connection_refused, \
+             connect_timeout, connect_error, tls_error, identity_mismatch): nothing was sent on them",
+            f.connect_errors.clone(),
+        );
         registry.register("outbound_retries", "Retries sent, after a first try failed", f.retries.clone());
         registry.register(
             "outbound_endpoints",
@@ -51,6 +68,8 @@ impl OutboundFamilies {
             draining: state("draining"),
             unresolved: state("unresolved"),
             unresolved_now: AtomicUsize::new(0),
+            name: name.to_owned(),
+            connect_errors: self.connect_errors.clone(),
         }
     }
 }
@@ -62,6 +81,8 @@ pub struct UpstreamMetrics {
     draining: Gauge,
     unresolved: Gauge,
     unresolved_now: AtomicUsize,
+    name: String,
+    connect_errors: Family<ReasonLabels, Counter>,
 }
 
 impl UpstreamMetrics {
@@ -71,6 +92,12 @@ impl UpstreamMetrics {
         self.draining.set(draining as i64);
         self.unresolved.set(unresolved as i64);
         self.unresolved_now.store(unresolved, Ordering::Relaxed);
+    }
+
+    /// A connection failed before anything was sent; `reason` as in the access log, less
+    /// its `upstream_` prefix.
+    pub fn connect_error(&self, reason: &'static str) {
+        self.connect_errors.get_or_create(&ReasonLabels { upstream: self.name.clone(), reason }).inc();
     }
 
     /// Names whose last lookup failed, as last published.

@@ -4,7 +4,11 @@
 
 use std::time::Duration;
 
+use std::sync::Arc;
+
 use hyper_util::rt::TokioIo;
+
+use crate::tls::client::ClientTls;
 
 use crate::net::{Addr, Stream};
 
@@ -31,6 +35,9 @@ pub enum PoolError {
     Handshake { addr: Addr, source: hyper::Error },
     #[error("request to {addr}: {source}")]
     Send { addr: Addr, source: hyper::Error, sent: bool },
+    /// The TLS handshake with an upstream failed (outbound `upstream.tls`): nothing was sent.
+    #[error("TLS with {addr}: {source}")]
+    Tls { addr: Addr, source: std::io::Error },
     /// An HTTP/1.1 exchange on a pooled connection (`proxy::h1`).
     #[error("request to {addr}: {source}")]
     Exchange { addr: Addr, source: super::h1::Error, sent: bool },
@@ -42,9 +49,10 @@ impl PoolError {
     /// sent nothing; a send failure knows whether hyper gave the request back unsent.
     pub fn is_retryable(&self) -> bool {
         match self {
-            PoolError::Connect { .. } | PoolError::ConnectTimeout { .. } | PoolError::Handshake { .. } => {
-                true
-            }
+            PoolError::Connect { .. }
+            | PoolError::ConnectTimeout { .. }
+            | PoolError::Handshake { .. }
+            | PoolError::Tls { .. } => true,
             PoolError::Send { sent, .. } | PoolError::Exchange { sent, .. } => !sent,
         }
     }
@@ -56,6 +64,10 @@ impl PoolError {
             PoolError::Connect { source, .. } if refused(source) => "app_connection_refused",
             PoolError::Connect { .. } | PoolError::Handshake { .. } => "app_connect_error",
             PoolError::ConnectTimeout { .. } => "app_connect_timeout",
+            PoolError::Tls { source, .. } if crate::tls::client::is_identity_mismatch(source) => {
+                "app_identity_mismatch"
+            }
+            PoolError::Tls { .. } => "app_tls_error",
             PoolError::Send { .. } => "app_reset",
             PoolError::Exchange { source, .. } => match source {
                 super::h1::Error::Response(_) | super::h1::Error::Chunk(_) => "app_invalid_response",
@@ -71,15 +83,22 @@ fn refused(e: &std::io::Error) -> bool {
     matches!(e.kind(), std::io::ErrorKind::ConnectionRefused | std::io::ErrorKind::NotFound)
 }
 
-/// Makes connections to one address, TCP or a Unix socket; the TLS client config joins here.
-#[derive(Debug, Clone)]
+/// Makes connections to one address, TCP or a Unix socket, with TLS on top when the
+/// upstream asks for it.
+#[derive(Clone)]
 pub struct Connector {
     pub addr: Addr,
+    tls: Option<Arc<ClientTls>>,
 }
 
 impl Connector {
     pub fn new(addr: impl Into<Addr>) -> Self {
-        Connector { addr: addr.into() }
+        Connector { addr: addr.into(), tls: None }
+    }
+
+    /// Connections that originate TLS with `tls` (`None`: plain).
+    pub fn with_tls(addr: impl Into<Addr>, tls: Option<Arc<ClientTls>>) -> Self {
+        Connector { addr: addr.into(), tls }
     }
 
     /// One connected stream, within `timeout` per attempt, retrying failures that sent
@@ -99,11 +118,24 @@ impl Connector {
         }
     }
 
+    /// One connect, and the TLS handshake when configured, both within `timeout`.
     async fn connect_once(&self, timeout: Duration) -> Result<TokioIo<Stream>, PoolError> {
-        match tokio::time::timeout(timeout, self.addr.connect()).await {
-            Ok(Ok(s)) => Ok(TokioIo::new(s)),
-            Ok(Err(source)) => Err(PoolError::Connect { addr: self.addr.clone(), source }),
-            Err(_) => Err(PoolError::ConnectTimeout { addr: self.addr.clone(), after: timeout }),
+        let addr = || self.addr.clone();
+        let dial = async {
+            let stream =
+                self.addr.connect().await.map_err(|source| PoolError::Connect { addr: addr(), source })?;
+            match (&self.tls, stream) {
+                (Some(tls), Stream::Tcp(tcp)) => {
+                    let (connector, name) = tls.connector();
+                    let tls = connector.connect(name, tcp).await;
+                    Ok(Stream::Tls(Box::new(tls.map_err(|source| PoolError::Tls { addr: addr(), source })?)))
+                }
+                (_, stream) => Ok(stream),
+            }
+        };
+        match tokio::time::timeout(timeout, dial).await {
+            Ok(r) => r.map(TokioIo::new),
+            Err(_) => Err(PoolError::ConnectTimeout { addr: addr(), after: timeout }),
         }
     }
 }

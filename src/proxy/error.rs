@@ -89,6 +89,8 @@ fn outbound_kind(inbound: &'static str) -> &'static str {
         "app_connect_timeout" => "upstream_connect_timeout",
         "app_invalid_response" => "upstream_invalid_response",
         "app_reset" => "upstream_reset",
+        "app_tls_error" => "upstream_tls_error",
+        "app_identity_mismatch" => "upstream_identity_mismatch",
         _ => "upstream_connect_error",
     }
 }

@@ -29,6 +29,7 @@ pub use super::h1::H1Conn;
 use super::h1::{self, Outgoing};
 use crate::drain::DrainWatch;
 use crate::net::Addr;
+use crate::tls::client::ClientTls;
 
 /// Idle HTTP/1.1 connections kept per endpoint. Enough for the 64–256 concurrent clients of
 /// a busy pod; beyond it, connections are closed after use rather than hoarded.
@@ -123,8 +124,14 @@ impl Pool {
 
     /// The endpoint for `key`, created on first use.
     pub fn endpoint(&self, key: EndpointKey) -> Arc<Endpoint> {
+        self.endpoint_with(key, None)
+    }
+
+    /// The endpoint for `key`, created on first use with `tls` to originate TLS (the key's
+    /// `tls` says which server name and identity it checks).
+    pub fn endpoint_with(&self, key: EndpointKey, tls: Option<Arc<ClientTls>>) -> Arc<Endpoint> {
         let mut map = self.endpoints.lock().unwrap_or_else(|p| p.into_inner());
-        map.entry(key.clone()).or_insert_with(|| Endpoint::new(key)).clone()
+        map.entry(key.clone()).or_insert_with(|| Endpoint::new(key, tls)).clone()
     }
 
     /// Forgets endpoints `keep` rejects; their idle connections close when the last request
@@ -158,9 +165,9 @@ impl Pool {
 }
 
 impl Endpoint {
-    fn new(key: EndpointKey) -> Arc<Self> {
+    fn new(key: EndpointKey, tls: Option<Arc<ClientTls>>) -> Arc<Self> {
         Arc::new(Endpoint {
-            connector: Connector::new(key.addr.clone()),
+            connector: Connector::with_tls(key.addr.clone(), tls),
             key,
             open: AtomicUsize::new(0),
             dialing: AtomicUsize::new(0),

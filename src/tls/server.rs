@@ -156,7 +156,7 @@ fn read(path: &Path) -> Result<Vec<u8>, TlsError> {
     std::fs::read(path).map_err(|error| TlsError::Read { path: path.to_owned(), error })
 }
 
-fn certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+pub(super) fn certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
     let pem = read(path)?;
     let certs = CertificateDer::pem_slice_iter(&pem)
         .collect::<Result<Vec<_>, _>>()
@@ -168,7 +168,7 @@ fn certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
 }
 
 /// Checks the leaf's validity period; returns its expiry as a Unix timestamp.
-fn check_validity(path: &Path, leaf: &CertificateDer<'_>) -> Result<i64, TlsError> {
+pub(super) fn check_validity(path: &Path, leaf: &CertificateDer<'_>) -> Result<i64, TlsError> {
     let (_, cert) =
         X509Certificate::from_der(leaf.as_ref()).map_err(|_| TlsError::BadCert { path: path.to_owned() })?;
     let validity = cert.validity();
@@ -192,7 +192,7 @@ pub fn check(files: &InboundTls) -> Result<(), TlsError> {
 /// ring with its suites strongest first: 256-bit AES-GCM, then ChaCha20-Poly1305, then
 /// 128-bit AES-GCM; ECDSA before RSA within each for TLS 1.2 (smaller, faster handshakes).
 /// All are AEAD with forward secrecy, as rustls offers no others.
-fn provider() -> rustls::crypto::CryptoProvider {
+pub(super) fn provider() -> rustls::crypto::CryptoProvider {
     use rustls::crypto::ring::cipher_suite::*;
     rustls::crypto::CryptoProvider {
         cipher_suites: vec![
