@@ -212,8 +212,14 @@ impl Inbound {
         let resolver = discovery::resolver(&o.upstream).map_err(err)?;
         let tls = match &o.upstream.tls {
             Some(files) => Some(
-                ClientTls::load(files, &o.upstream.endpoints[0].host, &self.files, &o.name)
-                    .map_err(|error| ApplyError::Tls { name: o.name.clone(), error })?,
+                ClientTls::load(
+                    files,
+                    &o.upstream.endpoints[0].host,
+                    alpn(o.upstream.http),
+                    &self.files,
+                    &o.name,
+                )
+                .map_err(|error| ApplyError::Tls { name: o.name.clone(), error })?,
             ),
             None => None,
         };
@@ -278,6 +284,16 @@ impl Inbound {
             upstream,
             http: http::Builders::new(&l.limits),
         }
+    }
+}
+
+/// What an upstream's TLS offers in ALPN: the protocols `upstream.http` allows, HTTP/2
+/// first, so that under `auto` the server's choice is the answer.
+fn alpn(http: HttpVersion) -> Vec<Vec<u8>> {
+    match http {
+        HttpVersion::Http1 => vec![b"http/1.1".to_vec()],
+        HttpVersion::Http2 => vec![b"h2".to_vec()],
+        HttpVersion::Auto => vec![b"h2".to_vec(), b"http/1.1".to_vec()],
     }
 }
 

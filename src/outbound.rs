@@ -26,13 +26,16 @@ use tokio::sync::watch;
 use self::balance::{Member, Outcome, Picker};
 use self::budget::Budget;
 pub use self::metrics::{OutboundFamilies, UpstreamMetrics};
+use crate::config::HttpVersion;
 use crate::config::OutboundConfig;
 use crate::net::Addr;
 use crate::proxy::body::RequestBody;
+use crate::proxy::body::Upstream as UpstreamBody;
 use crate::proxy::connect::PoolError;
-use crate::proxy::h1;
+use crate::proxy::headers::to_absolute_form;
 use crate::proxy::pool::{EndpointKey, Pool, Proto, TlsKey};
 use crate::tls::client::ClientTls;
+use http::uri::Scheme;
 
 /// A request the app marks safe to send twice, whatever its method (a POST with an
 /// idempotency key, say). Removed before the request leaves.
@@ -129,8 +132,9 @@ impl Upstream {
                             .into(),
                         identity: t.identity.as_deref().map(Into::into),
                     });
-                    let key = EndpointKey { addr: Addr::Tcp(*addr), tls, proto: Proto::Http1 };
-                    Member::new(*addr, self.pool.endpoint_with(key, self.tls.clone()))
+                    let key = |proto| EndpointKey { addr: Addr::Tcp(*addr), tls: tls.clone(), proto };
+                    let endpoint = |proto| self.pool.endpoint_with(key(proto), self.tls.clone());
+                    Member::new(*addr, endpoint(Proto::Http1), endpoint(Proto::Http2))
                 }
             };
             next.push(member);
@@ -163,7 +167,10 @@ impl Upstream {
     }
 
     /// Sends `req` (origin-form, headers ready) to an endpoint, retrying where that is safe.
-    pub async fn call(self: &Arc<Self>, req: Request<RequestBody>) -> Result<Response<h1::Body>, CallError> {
+    pub async fn call(
+        self: &Arc<Self>,
+        req: Request<RequestBody>,
+    ) -> Result<Response<UpstreamBody>, CallError> {
         let cfg = &self.config;
         let (parts, body) = req.into_parts();
         let retryable_request = is_idempotent(&parts.method)
@@ -235,10 +242,10 @@ impl Upstream {
         &self,
         member: &Arc<Member>,
         req: Request<RequestBody>,
-    ) -> Result<Response<h1::Body>, CallError> {
+    ) -> Result<Response<UpstreamBody>, CallError> {
         let _in_flight = member.start();
         let started = Instant::now();
-        let send = member.endpoint.send_h1(req, None, self.config.connect_timeout);
+        let send = self.send(member, req);
         let result = match self.config.per_try_timeout {
             Some(t) => match tokio::time::timeout(t, send).await {
                 Ok(r) => r,
@@ -266,8 +273,32 @@ impl Upstream {
         }
     }
 
+    /// One try on `member`, in the protocol `upstream.http` asks for: HTTP/1.1 on a pooled
+    /// connection, or a stream on the endpoint's shared HTTP/2 connection (`auto`: what a
+    /// PING or, over TLS, ALPN found the endpoint speaks).
+    async fn send(
+        &self,
+        member: &Member,
+        req: Request<RequestBody>,
+    ) -> Result<Response<UpstreamBody>, PoolError> {
+        let timeout = self.config.connect_timeout;
+        let h2 = match self.config.upstream.http {
+            HttpVersion::Http1 => false,
+            HttpVersion::Http2 => true,
+            HttpVersion::Auto => member.h2.speaks_h2(timeout).await,
+        };
+        if !h2 {
+            return member.h1.send_h1(req, None, timeout).await.map(|r| r.map(UpstreamBody::H1));
+        }
+        let scheme = if self.tls.is_some() { Scheme::HTTPS } else { Scheme::HTTP };
+        let (mut parts, body) = req.into_parts();
+        to_absolute_form(&mut parts.uri, &mut parts.headers, &Addr::Tcp(member.addr), scheme);
+        parts.version = http::Version::HTTP_2;
+        member.h2.send_h2(Request::from_parts(parts, body), timeout).await.map(|r| r.map(UpstreamBody::Hyper))
+    }
+
     /// Whether a try's outcome counts against its endpoint, and whether to try again.
-    fn judge(&self, outcome: &Result<Response<h1::Body>, CallError>, retryable_request: bool) -> Verdict {
+    fn judge(&self, outcome: &Result<Response<UpstreamBody>, CallError>, retryable_request: bool) -> Verdict {
         let on = &self.config.retry.on;
         match outcome {
             Ok(resp) => {

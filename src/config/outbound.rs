@@ -18,6 +18,8 @@ use super::{HttpVersion, Limits};
 pub const DEFAULT_DNS_REFRESH: Duration = Duration::from_secs(5);
 /// Where the resolver's servers, search domains and `ndots` come from: what Kubernetes writes.
 pub const DEFAULT_RESOLV_CONF: &str = "/etc/resolv.conf";
+/// The contract's: learn what each endpoint speaks (a PING in cleartext, ALPN over TLS).
+pub const DEFAULT_UPSTREAM_HTTP: HttpVersion = HttpVersion::Auto;
 /// Linkerd's and Finagle's default: latency-aware, and cheap at any endpoint count.
 pub const DEFAULT_BALANCE: Balance = Balance::P2cEwma;
 /// The contract's: a connect within the cluster that has not finished in 1s is not coming.
@@ -304,10 +306,7 @@ fn validate_upstream(at: &str, raw: Option<RawUpstream>, cx: &mut Ctx) -> Upstre
             }
         })
         .collect();
-    let http = raw.http.unwrap_or(HttpVersion::Http1);
-    if http != HttpVersion::Http1 {
-        cx.bad(format!("{at}.http"), "HTTP/2 to upstreams is not in this build yet; use `http1`");
-    }
+    let http = raw.http.unwrap_or(DEFAULT_UPSTREAM_HTTP);
     let tls = raw.tls.map(|t| {
         if t.cert.is_some() != t.key.is_some() {
             cx.bad(format!("{at}.tls"), "`cert` and `key` go together: set both (mTLS) or neither");

@@ -383,7 +383,7 @@ async fn prepare(
             parts.version = Version::HTTP_11;
         }
         Proto::Http2 => {
-            to_absolute_form(&mut parts.uri, &mut parts.headers, &l.config.target);
+            to_absolute_form(&mut parts.uri, &mut parts.headers, &l.config.target, http::uri::Scheme::HTTP);
             parts.version = Version::HTTP_2;
         }
     }
@@ -427,7 +427,7 @@ async fn send(
     let connect_timeout = l.config.connect_timeout;
     let send = async {
         if let Some(up) = &l.upstream {
-            return up.call(req).await.map(|r| r.map(Upstream::H1)).map_err(ProxyError::Outbound);
+            return up.call(req).await.map_err(ProxyError::Outbound);
         }
         let sent = if upgrade {
             Box::pin(l.app_h1.send_upgrade(req, connect_timeout)).await.map(|r| r.map(Upstream::Hyper))

@@ -24,7 +24,10 @@ const DEFAULT_RTT: Duration = Duration::from_millis(30);
 /// One address of an upstream, as discovery found it.
 pub struct Member {
     pub addr: SocketAddr,
-    pub endpoint: Arc<Endpoint>,
+    /// The address's connections as HTTP/1.1 and as HTTP/2 (which one a try takes is
+    /// `upstream.http`'s call).
+    pub h1: Arc<Endpoint>,
+    pub h2: Arc<Endpoint>,
     outstanding: AtomicUsize,
     ewma: Mutex<Ewma>,
     /// Failures in a row (connect failures, resets, 5xx); reset by a success.
@@ -48,10 +51,11 @@ pub enum Outcome {
 }
 
 impl Member {
-    pub fn new(addr: SocketAddr, endpoint: Arc<Endpoint>) -> Arc<Self> {
+    pub fn new(addr: SocketAddr, h1: Arc<Endpoint>, h2: Arc<Endpoint>) -> Arc<Self> {
         Arc::new(Member {
             addr,
-            endpoint,
+            h1,
+            h2,
             outstanding: AtomicUsize::new(0),
             ewma: Mutex::new(Ewma { nanos: DEFAULT_RTT.as_nanos() as f64, at: Instant::now() }),
             failures: AtomicU32::new(0),
@@ -211,8 +215,8 @@ mod tests {
         (0..n)
             .map(|i| {
                 let addr = SocketAddr::from(([127, 0, 0, 1], 1000 + i));
-                let key = EndpointKey { addr: Addr::Tcp(addr), tls: None, proto: Proto::Http1 };
-                Member::new(addr, pool.endpoint(key))
+                let key = |proto| EndpointKey { addr: Addr::Tcp(addr), tls: None, proto };
+                Member::new(addr, pool.endpoint(key(Proto::Http1)), pool.endpoint(key(Proto::Http2)))
             })
             .collect()
     }

@@ -217,7 +217,7 @@ pub fn to_origin_form(uri: &mut Uri, headers: &mut HeaderMap, fallback: &crate::
 
 /// Rewrites a request target for an HTTP/2 hop: absolute form, authority taken from `Host`
 /// (which HTTP/2 carries as `:authority` instead, RFC 9113 §8.3.1).
-pub fn to_absolute_form(uri: &mut Uri, headers: &mut HeaderMap, fallback: &crate::net::Addr) {
+pub fn to_absolute_form(uri: &mut Uri, headers: &mut HeaderMap, fallback: &crate::net::Addr, scheme: Scheme) {
     if uri.scheme().is_some() && uri.authority().is_some() {
         headers.remove(header::HOST);
         return;
@@ -228,7 +228,7 @@ pub fn to_absolute_form(uri: &mut Uri, headers: &mut HeaderMap, fallback: &crate
         // An HTTP/1.1 request without Host (legal only in HTTP/1.0) is rare: format only then.
         .or_else(|| Authority::try_from(fallback.authority()).ok());
     let mut parts = std::mem::take(uri).into_parts();
-    parts.scheme = Some(Scheme::HTTP);
+    parts.scheme = Some(scheme);
     parts.authority = authority;
     if parts.path_and_query.is_none() {
         parts.path_and_query = Some(PathAndQuery::from_static("/"));
@@ -340,12 +340,12 @@ mod tests {
         to_origin_form(&mut uri, &mut h, &unix);
         assert_eq!(uri, "/a?b");
         assert_eq!(h.get("host").unwrap(), "example.com");
-        to_absolute_form(&mut uri, &mut h, &unix);
+        to_absolute_form(&mut uri, &mut h, &unix, Scheme::HTTP);
         assert_eq!(uri.to_string(), "http://example.com/a?b");
         assert!(!h.contains_key("host"));
         // No Host at all (HTTP/1.0): the target's own authority, `localhost` for a socket.
         let mut uri: Uri = "/x".parse().unwrap();
-        to_absolute_form(&mut uri, &mut h, &unix);
+        to_absolute_form(&mut uri, &mut h, &unix, Scheme::HTTP);
         assert_eq!(uri.to_string(), "http://localhost/x");
         // The same without Host towards an HTTP/1.1 app: Host is added.
         let mut h = HeaderMap::new();

@@ -52,6 +52,7 @@ pub fn is_identity_mismatch(e: &std::io::Error) -> bool {
 /// An upstream's TLS client state.
 pub struct ClientTls {
     files: UpstreamTls,
+    alpn: Vec<Vec<u8>>,
     server_name: ServerName<'static>,
     current: ArcSwap<ClientConfig>,
     _watching: oneshot::Sender<()>,
@@ -60,9 +61,11 @@ pub struct ClientTls {
 impl ClientTls {
     /// `default_name`: the server name when `server_name` is not set (the first endpoint's
     /// host as written).
+    /// `alpn`: what `upstream.http` lets the server choose (`h2`, `http/1.1`, or both).
     pub fn load(
         files: &UpstreamTls,
         default_name: &str,
+        alpn: Vec<Vec<u8>>,
         watcher: &FileWatcher,
         upstream: &str,
     ) -> Result<Arc<Self>, TlsError> {
@@ -73,9 +76,10 @@ impl ClientTls {
         })?;
         let (watching, dropped) = oneshot::channel();
         let tls = Arc::new(ClientTls {
+            current: ArcSwap::from_pointee(build(files, &alpn)?),
             files: files.clone(),
+            alpn,
             server_name,
-            current: ArcSwap::from_pointee(build(files)?),
             _watching: watching,
         });
         let paths = [files.ca.as_ref(), files.cert.as_ref(), files.key.as_ref()];
@@ -106,8 +110,10 @@ async fn rotate(
             _ = &mut dropped => return,
         }
         let Some(t) = tls.upgrade() else { return };
-        let rebuilt =
-            tokio::task::spawn_blocking(move || build(&t.files).map(|c| t.current.store(Arc::new(c)))).await;
+        let rebuilt = tokio::task::spawn_blocking(move || {
+            build(&t.files, &t.alpn).map(|c| t.current.store(Arc::new(c)))
+        })
+        .await;
         match rebuilt {
             Ok(Ok(())) => tracing::info!(%upstream, "upstream TLS material rotated"),
             Ok(Err(e)) => {
@@ -120,10 +126,10 @@ async fn rotate(
 
 /// Checks the files without starting anything: what `sidecar check` runs.
 pub fn check(files: &UpstreamTls) -> Result<(), TlsError> {
-    build(files).map(|_| ())
+    build(files, &[]).map(|_| ())
 }
 
-fn build(files: &UpstreamTls) -> Result<ClientConfig, TlsError> {
+fn build(files: &UpstreamTls, alpn: &[Vec<u8>]) -> Result<ClientConfig, TlsError> {
     let mut roots = RootCertStore::empty();
     match &files.ca {
         Some(path) => {
@@ -169,7 +175,7 @@ fn build(files: &UpstreamTls) -> Result<ClientConfig, TlsError> {
         }
         _ => builder.with_no_client_auth(),
     };
-    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    config.alpn_protocols = alpn.to_vec();
     Ok(config)
 }
 

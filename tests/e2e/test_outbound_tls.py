@@ -6,7 +6,7 @@ import subprocess
 
 import pytest
 
-from helpers import SIDECAR_BIN, AppProcess, free_port, http_request, write_config
+from helpers import SIDECAR_BIN, AppProcess, free_port, http_request, wait_until, write_config
 from tls_helpers import FRONTEND_ID, SERVER_ID
 
 pytestmark = pytest.mark.timeout(60)
@@ -46,6 +46,12 @@ def call(sc, path="/hello"):
     return http_request(int(sc.cfg["outbound"][0]["listen"].rsplit(":", 1)[1]), path, timeout=5)
 
 
+def last_record(sc):
+    """The last outbound access-log record, once written (the log is written off the request path)."""
+    recs = wait_until(lambda: [x for x in sc.access_log() if x.get("direction") == "outbound"], 5, what="an outbound access-log record")
+    return recs[-1]
+
+
 def connect_errors(sc, reason):
     return sc.metrics().value("sidecar_outbound_connect_errors_total", upstream="secure", reason=reason)
 
@@ -57,7 +63,7 @@ def test_tls_to_the_upstream_verified_by_the_ca_and_the_server_name(pki, upstrea
     r = call(sc)
     assert r.status == 200, r.body
     assert r.json() == {"path": "/hello", "client_identity": None}
-    rec = [x for x in sc.access_log() if x.get("direction") == "outbound"][-1]
+    rec = last_record(sc)
     assert rec["upstream"] == "secure" and rec["status"] == 200
 
 
@@ -84,7 +90,7 @@ def test_without_a_client_cert_an_mtls_upstream_refuses_and_the_app_gets_502(pki
     r = call(sc)
     assert r.status == 502, r.body
     assert b"upstream secure" in r.body
-    rec = [x for x in sc.access_log() if x.get("direction") == "outbound"][-1]
+    rec = last_record(sc)
     assert rec["error"] in ("upstream_tls_error", "upstream_reset"), rec
 
 
@@ -103,7 +109,7 @@ def test_a_wrong_identity_is_a_failed_connection_and_nothing_is_sent(pki, upstre
         r = call(sc)
         assert r.status == 502, r.body
     assert connect_errors(sc, "identity_mismatch") >= 3
-    rec = [x for x in sc.access_log() if x.get("direction") == "outbound"][-1]
+    rec = last_record(sc)
     assert rec["error"] == "upstream_identity_mismatch", rec
     # The upstream never saw a request: ask it directly, over TLS, with the right CA.
     ok = outbound(up.port, {"ca": str(pki.ca)}, name="check")

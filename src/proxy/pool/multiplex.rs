@@ -1,5 +1,5 @@
-//! An endpoint's one shared HTTP/2 connection, and the PING probe that tells whether an
-//! endpoint speaks HTTP/2 at all (`http: auto`).
+//! An endpoint's one shared HTTP/2 connection, and the probe that tells whether an endpoint
+//! speaks HTTP/2 at all (`http: auto`): a PING in cleartext, ALPN over TLS.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU8, Ordering};
@@ -81,9 +81,14 @@ impl Shared {
         let _one = self.connecting.lock().await;
         if self.support.load(Ordering::Relaxed) == UNKNOWN {
             let Ok(io) = connector.connect(timeout).await else { return true };
-            let verdict = match tokio::time::timeout(PROBE_TIMEOUT, ping(io.into_inner())).await {
-                Ok(true) => YES,
-                _ => NO,
+            let verdict = match io.into_inner() {
+                // Over TLS the server said it in ALPN; offered `h2` first, it takes it if it can.
+                Stream::Tls(tls) if tls.get_ref().1.alpn_protocol() == Some(b"h2") => YES,
+                Stream::Tls(_) => NO,
+                plain => match tokio::time::timeout(PROBE_TIMEOUT, ping(plain)).await {
+                    Ok(true) => YES,
+                    _ => NO,
+                },
             };
             tracing::info!(upstream = %connector.addr, http2 = verdict == YES, "probed for HTTP/2 (http: auto)");
             self.support.store(verdict, Ordering::Relaxed);
