@@ -41,6 +41,11 @@ use http::uri::Scheme;
 /// idempotency key, say). Removed before the request leaves.
 pub static RETRYABLE_HEADER: HeaderName = HeaderName::from_static("x-sidecar-retryable");
 
+/// The latency a failed connection or exchange counts as, for balancing: an endpoint that
+/// refuses connections answers in microseconds, and would otherwise win every P2C choice
+/// (Finagle's "failure penalty"). Its average decays back as other samples come in.
+const FAILURE_PENALTY: Duration = Duration::from_secs(1);
+
 /// Why a call got no usable answer: each becomes a local reply naming the upstream.
 #[derive(Debug, thiserror::Error)]
 pub enum CallError {
@@ -181,7 +186,9 @@ impl Upstream {
         let mut parts = parts;
         parts.headers.remove(&RETRYABLE_HEADER);
         // Kept for a replay only when small and of known size; otherwise it streams once.
-        let replay = if cfg.retry.attempts > 1 && retryable_request {
+        // A request that is not safe to repeat is still kept for a connect failure, where
+        // nothing was sent.
+        let replay = if cfg.retry.attempts > 1 && (retryable_request || cfg.retry.on.connect_failure) {
             replayable(body, cfg.retry.max_body).await.map_err(CallError::ClientBody)?
         } else {
             Err(body)
@@ -262,6 +269,8 @@ impl Upstream {
                 Ok(resp)
             }
             Err(source) => {
+                // A failure answers fast, and must not look like a fast endpoint.
+                member.observe_latency(FAILURE_PENALTY);
                 if let PoolError::Connect { .. } | PoolError::ConnectTimeout { .. } | PoolError::Tls { .. } =
                     source
                 {
