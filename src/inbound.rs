@@ -32,6 +32,7 @@ pub use self::metrics::{InboundMetrics, ListenerMetrics, Reject};
 use crate::config::{Config, HttpVersion, InboundConfig, InboundTls, OutboundConfig, Protocol};
 use crate::drain::DrainWatch;
 use crate::files::FileWatcher;
+use crate::outbound::route::{Route, Routes};
 use crate::outbound::{OutboundFamilies, Upstream, discovery};
 use crate::proxy::pool::{Endpoint, EndpointKey, Pool, Proto};
 use crate::telemetry::AccessLog;
@@ -80,8 +81,8 @@ pub struct ListenerCtx {
     pub access_log: AccessLog,
     /// TLS termination, when configured; rotated in place when its files change.
     pub tls: Option<Arc<ServerTls>>,
-    /// Outbound listeners: where requests go instead of the app.
-    pub upstream: Option<Arc<Upstream>>,
+    /// Outbound listeners: the upstreams requests go to instead of the app.
+    pub routes: Option<Arc<Routes>>,
     http: http::Builders,
 }
 
@@ -127,10 +128,19 @@ impl Inbound {
         }
     }
 
-    /// Every listener of `config`, inbound first, with the outbound ones' upstream config.
-    fn listeners(config: &Config) -> Vec<(InboundConfig, Option<&OutboundConfig>)> {
-        let inbound = config.inbound.iter().map(|l| (l.clone(), None));
-        inbound.chain(config.outbound.iter().map(|o| (o.listener(), Some(o)))).collect()
+    /// Every listener of `config`, inbound first, then the outbound ones with the upstreams
+    /// each serves (several when they share its address and route by host; the first names
+    /// the listener).
+    fn listeners(config: &Config) -> Vec<(InboundConfig, Vec<&OutboundConfig>)> {
+        let mut out: Vec<(InboundConfig, Vec<&OutboundConfig>)> =
+            config.inbound.iter().map(|l| (l.clone(), Vec::new())).collect();
+        for o in &config.outbound {
+            match out.iter_mut().find(|(l, _)| l.listen == o.listen) {
+                Some((_, group)) => group.push(o),
+                None => out.push((o.listener(), vec![o])),
+            }
+        }
+        out
     }
 
     /// Makes the running listeners match `config`. New addresses are bound and TLS files
@@ -147,7 +157,7 @@ impl Inbound {
             if let Some(files) = &l.tls {
                 tls.insert(l.listen, self.load_tls(l, files)?);
             }
-            if let Some(o) = outbound {
+            for o in outbound {
                 upstreams.insert(o.name.clone(), self.upstream(o)?);
             }
         }
@@ -155,10 +165,9 @@ impl Inbound {
         // Upstreams left out are dropped: their discovery ends, idle connections close.
         self.upstreams = upstreams;
         let mut keep = Vec::with_capacity(listeners.len());
-        for (l, _) in &listeners {
-            let l = &l;
+        for (l, outbound) in &listeners {
             keep.push(l.listen);
-            let ctx = Arc::new(self.ctx(l, config));
+            let ctx = Arc::new(self.ctx(l, outbound, config));
             if let Some(running) = self.running.get(&l.listen) {
                 running.limit.resize(l.limits.max_connections);
                 running.ctx.send_replace(ctx);
@@ -172,15 +181,11 @@ impl Inbound {
             let (ctx_tx, ctx_rx) = watch::channel(ctx);
             let (stop_tx, stop_rx) = watch::channel(false);
             let limit = ConnLimit::new(l.limits.max_connections);
-            match &ctx_rx.borrow().upstream {
-                Some(up) => {
-                    let endpoints: Vec<String> =
-                        up.config().upstream.endpoints.iter().map(|e| e.to_string()).collect();
-                    tracing::info!(listener = %l.name, addr = %l.listen, ?endpoints, "listening (outbound)")
-                }
-                None => {
-                    tracing::info!(listener = %l.name, addr = %l.listen, protocol = ?l.protocol, target = %l.target, "listening")
-                }
+            if outbound.is_empty() {
+                tracing::info!(listener = %l.name, addr = %l.listen, protocol = ?l.protocol, target = %l.target, "listening");
+            } else {
+                let upstreams: Vec<&str> = outbound.iter().map(|o| o.name.as_str()).collect();
+                tracing::info!(listener = %l.name, addr = %l.listen, ?upstreams, "listening (outbound)");
             }
             tokio::spawn(accept_loop(listener, ctx_rx, stop_rx, limit.clone(), self.drain.clone()));
             self.running.insert(l.listen, Running { ctx: ctx_tx, stop: stop_tx, limit });
@@ -196,7 +201,13 @@ impl Inbound {
         // Endpoints no listener uses any more close their idle connections when dropped.
         let targets: Vec<_> = config.inbound.iter().map(|l| &l.target).collect();
         self.pool.retain(|k| targets.contains(&&k.addr));
-        self.metrics.retain(|name, _| listeners.iter().any(|(l, _)| l.name == *name));
+        let names: Vec<&str> = listeners
+            .iter()
+            .flat_map(|(l, outbound)| {
+                std::iter::once(l.name.as_str()).chain(outbound.iter().map(|o| o.name.as_str()))
+            })
+            .collect();
+        self.metrics.retain(|name, _| names.contains(&name.as_str()));
         Ok(())
     }
 
@@ -264,10 +275,19 @@ impl Inbound {
         m
     }
 
-    fn ctx(&mut self, l: &InboundConfig, config: &Config) -> ListenerCtx {
-        let upstream =
-            self.upstreams.get(&l.name).filter(|_| config.outbound.iter().any(|o| o.name == l.name)).cloned();
-        let direction = if upstream.is_some() { Direction::Outbound } else { Direction::Inbound };
+    fn ctx(&mut self, l: &InboundConfig, outbound: &[&OutboundConfig], config: &Config) -> ListenerCtx {
+        let routes = (!outbound.is_empty()).then(|| {
+            let mut routes = Routes::default();
+            for o in outbound {
+                let upstream = self.upstreams[&o.name].clone();
+                routes.add(
+                    &o.hosts,
+                    Route { upstream, metrics: self.listener_metrics(&o.name, Direction::Outbound) },
+                );
+            }
+            Arc::new(routes)
+        });
+        let direction = if routes.is_some() { Direction::Outbound } else { Direction::Inbound };
         let metrics = self.listener_metrics(&l.name, direction);
         if l.tls.is_some() {
             metrics.tls_enabled();
@@ -281,7 +301,7 @@ impl Inbound {
             app_h2: endpoint(Proto::Http2),
             access_log: self.access_log.clone(),
             tls: self.tls.get(&l.listen).cloned(),
-            upstream,
+            routes,
             http: http::Builders::new(&l.limits),
         }
     }

@@ -12,6 +12,7 @@ mod balance;
 mod budget;
 pub mod discovery;
 mod metrics;
+pub mod route;
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};

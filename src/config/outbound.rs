@@ -50,6 +50,7 @@ pub(super) struct RawOutbound {
     name: Option<String>,
     listen: Option<String>,
     protocol: Option<Protocol>,
+    hosts: Vec<String>,
     upstream: Option<RawUpstream>,
     balance: Option<Balance>,
     connect_timeout: Option<Scalar>,
@@ -187,8 +188,11 @@ pub struct OutlierConfig {
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct OutboundConfig {
     pub name: String,
+    /// Several upstreams may share `listen` when each names the hosts it answers to; the
+    /// listener then routes by the request's host. Empty: every request of the listener.
     pub listen: SocketAddr,
     pub protocol: Protocol,
+    pub hosts: Vec<String>,
     pub upstream: UpstreamConfig,
     pub balance: Balance,
     #[serde(with = "duration_str")]
@@ -244,7 +248,20 @@ pub(super) fn validate(
             .chain(out.iter().map(|o| (o.name.as_str(), o.listen)))
             .collect();
         let name = inbound::validate_name(&at, i, r.name, cx, &taken);
-        let listen = inbound::validate_listen(&at, r.listen.as_deref(), cx, &taken, admin_listen);
+        let hosts = validate_hosts(&at, r.hosts, cx);
+        // Outbound listeners that all route by host may share an address.
+        let sharing = |o: &OutboundConfig| !hosts.is_empty() && !o.hosts.is_empty();
+        let exclusive: Vec<(&str, SocketAddr)> = inbound
+            .iter()
+            .map(|l| (l.name.as_str(), l.listen))
+            .chain(out.iter().filter(|o| !sharing(o)).map(|o| (o.name.as_str(), o.listen)))
+            .collect();
+        let listen = inbound::validate_listen(&at, r.listen.as_deref(), cx, &exclusive, admin_listen);
+        for o in out.iter().filter(|o| o.listen == listen && sharing(o)) {
+            if let Some(h) = hosts.iter().find(|h| o.hosts.contains(h)) {
+                cx.bad(format!("{at}.hosts"), format!("`{h}` is also routed to `{}` on {listen}", o.name));
+            }
+        }
         let protocol = r.protocol.unwrap_or(Protocol::Http);
         if protocol == Protocol::Tcp {
             cx.bad(
@@ -265,6 +282,7 @@ pub(super) fn validate(
             name,
             listen,
             protocol,
+            hosts,
             upstream,
             balance: r.balance.unwrap_or(DEFAULT_BALANCE),
             connect_timeout: cx.positive_duration(
@@ -280,6 +298,26 @@ pub(super) fn validate(
         });
     }
     out
+}
+
+/// Host names, as a client writes them in `Host` or an absolute-form target (no port).
+fn validate_hosts(at: &str, raw: Vec<String>, cx: &mut Ctx) -> Vec<String> {
+    raw.into_iter()
+        .enumerate()
+        .filter_map(|(i, h)| {
+            let lower = h.trim().trim_end_matches('.').to_ascii_lowercase();
+            match parse_endpoint(&format!("{lower}:1")) {
+                Ok(_) if !lower.contains(':') => Some(lower),
+                _ => {
+                    cx.bad(
+                        format!("{at}.hosts[{i}]"),
+                        format!("`{h}` is not a host name (write it without a port)"),
+                    );
+                    None
+                }
+            }
+        })
+        .collect()
 }
 
 fn validate_upstream(at: &str, raw: Option<RawUpstream>, cx: &mut Ctx) -> UpstreamConfig {
@@ -528,6 +566,22 @@ mod tests {
         ] {
             assert!(e.contains(needle), "missing {needle:?} in:\n{e}");
         }
+    }
+
+    #[test]
+    fn listeners_that_route_by_host_share_an_address() {
+        let up = "upstream: { endpoints: [\"127.0.0.1:9\"] }";
+        let ok = format!(
+            "outbound:\n  - {{ name: a, listen: 127.0.0.1:15001, hosts: [orders, Orders.Default.svc], {up} }}\n  - {{ name: b, listen: 127.0.0.1:15001, hosts: [payments], {up} }}\n"
+        );
+        let c = parse_str(&ok).unwrap();
+        assert_eq!(c.outbound[0].hosts, ["orders", "orders.default.svc"]);
+        let clash = format!(
+            "outbound:\n  - {{ name: a, listen: 127.0.0.1:15001, hosts: [orders], {up} }}\n  - {{ name: b, listen: 127.0.0.1:15001, hosts: [orders], {up} }}\n  - {{ name: c, listen: 127.0.0.1:15001, {up} }}\n"
+        );
+        let e = parse_str(&clash).unwrap_err().to_string();
+        assert!(e.contains("outbound[1].hosts: `orders` is also routed to `a`"), "{e}");
+        assert!(e.contains("outbound[2].listen: 127.0.0.1:15001 is used by another listener"), "{e}");
     }
 
     #[test]

@@ -23,6 +23,7 @@ use tokio::net::TcpStream;
 use tracing::Instrument as _;
 
 use super::ListenerCtx;
+use super::ListenerMetrics;
 use super::guard::{ConnState, Guard};
 use super::io::{DetectError, Detected, ServerIo, detect};
 use super::metrics::{Direction, Reject};
@@ -30,6 +31,7 @@ use super::sticky::Sticky;
 use super::supervise::{Ended, supervise};
 use crate::config::{HttpVersion, Limits};
 use crate::drain::DrainWatch;
+use crate::outbound::route::{self, Route};
 use crate::proxy::body::{BodyStats, OnEnd, RequestBody, ResponseBody, Upstream};
 use crate::proxy::error::ProxyError;
 use crate::proxy::headers::{
@@ -239,6 +241,8 @@ fn classify(e: &hyper::Error, state: &ConnState) -> Option<Reject> {
 /// Runs when the response body ends or is dropped, so durations include the body.
 struct RequestEnd {
     conn: Arc<Conn>,
+    /// The listener's, or on a listener shared by upstreams, the chosen upstream's.
+    metrics: Arc<ListenerMetrics>,
     start: Instant,
     wall: SystemTime,
     method: Method,
@@ -255,6 +259,7 @@ impl RequestEnd {
         let logging = conn.listener.access_log.enabled();
         RequestEnd {
             conn: conn.clone(),
+            metrics: conn.listener.metrics.clone(),
             start: Instant::now(),
             wall: if logging { SystemTime::now() } else { SystemTime::UNIX_EPOCH },
             method: req.method().clone(),
@@ -273,7 +278,7 @@ impl OnEnd for RequestEnd {
         let conn = &self.conn;
         conn.state.in_flight.fetch_sub(1, Ordering::Relaxed);
         let elapsed = self.start.elapsed();
-        conn.listener.metrics.request(self.status, elapsed);
+        self.metrics.request(self.status, elapsed);
         // Given only when both bodies went through whole and the app keeps it open;
         // otherwise it was dropped, which closed it.
         if let Some(app_conn) = reusable {
@@ -281,11 +286,11 @@ impl OnEnd for RequestEnd {
         }
         let access_log = &conn.listener.access_log;
         if access_log.enabled() {
-            let direction = conn.listener.metrics.direction();
+            let direction = self.metrics.direction();
             access_log.log(AccessRecord {
                 start: self.wall,
                 direction: direction.as_str(),
-                upstream: (direction == Direction::Outbound).then(|| conn.listener.metrics.name.clone()),
+                upstream: (direction == Direction::Outbound).then(|| self.metrics.name.clone()),
                 listener: conn.listener.metrics.name.clone(),
                 method: self.method,
                 uri: self.uri.unwrap_or_default(),
@@ -309,6 +314,8 @@ struct Prepared {
     proto: Proto,
     /// The client side of a protocol switch (WebSocket), resolved after the app's 101.
     client_upgrade: Option<hyper::upgrade::OnUpgrade>,
+    /// Outbound: the upstream it goes to instead of the app.
+    route: Option<Route>,
 }
 
 /// A request's trip: prepare it for the app, send it, and shape the answer for the client.
@@ -321,7 +328,8 @@ async fn handle(req: Request<Incoming>, conn: Arc<Conn>) -> Response<Body> {
         Err(e) => return local_reply(end, &e),
     };
     let client_upgrade = prepared.client_upgrade.is_some();
-    match send(prepared.req, prepared.proto, client_upgrade, &conn, &end).await {
+    let upstream = prepared.route.map(|r| r.upstream);
+    match send(prepared.req, prepared.proto, client_upgrade, upstream, &conn, &end).await {
         Ok(resp) => respond(resp, prepared.client_upgrade, &conn, end),
         Err(e) => local_reply(end, &e),
     }
@@ -348,17 +356,18 @@ async fn prepare(
 
     let (mut parts, body) = req.into_parts();
     sanitize_request(&mut parts.headers, upgrade);
-    if let Some(up) = &l.upstream {
-        // The app's own call: no forwarding headers (the peer is the app itself), and
-        // the upstream's name as Host when the app addressed the sidecar.
-        outbound_target(&mut parts, up);
+    if let Some(routes) = &l.routes {
+        // The app's own call: no forwarding headers (the peer is the app itself).
+        let route = routes.pick(&parts).map_err(|host| {
+            l.metrics.reject(Reject::UnknownHost);
+            ProxyError::UnknownHost { host }
+        })?;
+        route::rewrite_target(&mut parts, &route.upstream);
+        end.metrics = route.metrics.clone();
         let (body, stats) = RequestBody::new(body);
         end.req_stats = stats;
-        return Ok(Prepared {
-            req: Request::from_parts(parts, body),
-            proto: Proto::Http1,
-            client_upgrade: None,
-        });
+        let req = Request::from_parts(parts, body);
+        return Ok(Prepared { req, proto: Proto::Http1, client_upgrade: None, route: Some(route.clone()) });
     }
     conn.forwarding.apply(&mut parts.headers);
     if let Some(id) = &conn.identity {
@@ -389,30 +398,7 @@ async fn prepare(
     }
     let (body, stats) = RequestBody::new(body);
     end.req_stats = stats;
-    Ok(Prepared { req: Request::from_parts(parts, body), proto, client_upgrade })
-}
-
-/// An outbound request's target: origin-form for the upstream's HTTP/1.1, and `Host` set
-/// to the upstream's name when the app addressed the sidecar itself (`localhost:15001`)
-/// rather than the service; an absolute-form target (`HTTP_PROXY`) gives its authority.
-fn outbound_target(parts: &mut http::request::Parts, up: &crate::outbound::Upstream) {
-    if let Some(a) = parts.uri.authority().and_then(|a| HeaderValue::from_str(a.as_str()).ok()) {
-        parts.headers.insert(header::HOST, a);
-    }
-    let local = parts.headers.get(header::HOST).and_then(|h| h.to_str().ok()).is_none_or(|h| {
-        let host = h.rsplit_once(':').map_or(h, |(host, _)| host);
-        let host = host.trim_start_matches('[').trim_end_matches(']');
-        host.eq_ignore_ascii_case("localhost")
-            || host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
-    });
-    if local {
-        parts.headers.insert(header::HOST, up.authority().clone());
-    }
-    if parts.uri.scheme().is_some() || parts.uri.authority().is_some() {
-        let pq = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
-        parts.uri = pq.parse().unwrap_or_else(|_| Uri::from_static("/"));
-    }
-    parts.version = Version::HTTP_11;
+    Ok(Prepared { req: Request::from_parts(parts, body), proto, client_upgrade, route: None })
 }
 
 /// Sends the request to the app and waits for its response head, within `request_timeout`.
@@ -420,13 +406,14 @@ async fn send(
     req: Request<RequestBody>,
     proto: Proto,
     upgrade: bool,
+    upstream: Option<Arc<crate::outbound::Upstream>>,
     conn: &Conn,
     end: &RequestEnd,
 ) -> Result<Response<Upstream>, ProxyError> {
     let l = &conn.listener;
     let connect_timeout = l.config.connect_timeout;
     let send = async {
-        if let Some(up) = &l.upstream {
+        if let Some(up) = &upstream {
             return up.call(req).await.map_err(ProxyError::Outbound);
         }
         let sent = if upgrade {
@@ -438,11 +425,11 @@ async fn send(
         };
         sent.map_err(ProxyError::Upstream)
     };
-    let timeout = l.config.request_timeout;
+    let timeout = upstream.as_ref().map_or(l.config.request_timeout, |up| up.config().request_timeout);
     let result = if timeout.is_zero() {
         send.await
     } else {
-        let timed_out = |_| match &l.upstream {
+        let timed_out = |_| match &upstream {
             Some(up) => ProxyError::OutboundTimeout { upstream: up.name.clone(), after: timeout },
             None => ProxyError::Timeout,
         };

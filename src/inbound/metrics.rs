@@ -85,10 +85,12 @@ pub enum Reject {
     /// A verified client whose identity is not in `tls.allowed_identities` (403, or the
     /// TCP connection closed).
     IdentityNotAllowed,
+    /// Outbound: a request for a host no upstream of the listener answers to (403).
+    UnknownHost,
 }
 
 impl Reject {
-    const ALL: [Reject; 7] = [
+    const ALL: [Reject; 8] = [
         Reject::MaxConnections,
         Reject::HeadersTooLarge,
         Reject::HeaderTimeout,
@@ -96,6 +98,7 @@ impl Reject {
         Reject::Malformed,
         Reject::Http2Protocol,
         Reject::IdentityNotAllowed,
+        Reject::UnknownHost,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -107,6 +110,7 @@ impl Reject {
             Reject::Malformed => "malformed",
             Reject::Http2Protocol => "http2_protocol",
             Reject::IdentityNotAllowed => "identity_not_allowed",
+            Reject::UnknownHost => "unknown_host",
         }
     }
 }

@@ -28,6 +28,9 @@ pub enum ProxyError {
     ClientBody,
     #[error(transparent)]
     Upstream(#[from] PoolError),
+    /// An outbound request for a host no upstream of the listener answers to.
+    #[error("no upstream is configured for host `{host}` on this listener")]
+    UnknownHost { host: String },
     /// An outbound call that got no usable answer from its upstream.
     #[error(transparent)]
     Outbound(#[from] crate::outbound::CallError),
@@ -59,6 +62,13 @@ impl ProxyError {
             ProxyError::ClientBody => (StatusCode::BAD_REQUEST, "bad request body\n", "client_body_error"),
             ProxyError::Upstream(e) => (StatusCode::BAD_GATEWAY, "app unavailable\n", e.kind()),
             ProxyError::Outbound(e) => return outbound(e),
+            ProxyError::UnknownHost { .. } => {
+                return Rescue {
+                    status: StatusCode::FORBIDDEN,
+                    body: format!("{self}\n").into(),
+                    error: "unknown_host",
+                };
+            }
             ProxyError::OutboundTimeout { .. } => {
                 return Rescue {
                     status: StatusCode::GATEWAY_TIMEOUT,
