@@ -233,6 +233,46 @@ impl Upstream {
         }
     }
 
+    /// A connection for an outbound `tcp` listener: an endpoint picked like a request's,
+    /// and another one tried when the connect fails (nothing was sent), up to `attempts`.
+    pub async fn connect_tcp(self: &Arc<Self>) -> Result<crate::net::Stream, CallError> {
+        let cfg = &self.config;
+        self.budget.deposit();
+        let mut last: Option<Arc<Member>> = None;
+        let mut attempt = 1;
+        loop {
+            let Some(member) = self.pick(last.as_ref()) else {
+                return Err(CallError::Unavailable { upstream: self.name.clone(), why: self.why_empty() });
+            };
+            let in_flight = member.start();
+            let started = Instant::now();
+            match member.h1.connect(cfg.connect_timeout).await {
+                Ok(stream) => {
+                    member.observe_latency(started.elapsed());
+                    self.record(&member, false);
+                    // Counted as outstanding for as long as the connection is open would keep
+                    // long-lived connections from balancing; the connect is the try.
+                    drop(in_flight);
+                    return Ok(stream);
+                }
+                Err(source) => {
+                    drop(in_flight);
+                    member.observe_latency(FAILURE_PENALTY);
+                    let kind = source.kind();
+                    self.metrics.connect_error(kind.strip_prefix("app_").unwrap_or(kind));
+                    self.record(&member, true);
+                    let retry = cfg.retry.on.connect_failure && attempt < cfg.retry.attempts;
+                    if !(retry && self.budget.withdraw()) {
+                        return Err(CallError::Failed { upstream: self.name.clone(), source });
+                    }
+                }
+            }
+            self.metrics.retries.inc();
+            last = Some(member);
+            attempt += 1;
+        }
+    }
+
     fn pick(&self, avoid: Option<&Arc<Member>>) -> Option<Arc<Member>> {
         let members = self.members.load();
         self.picker.pick(self.config.balance, &members, self.now_ms(), avoid)

@@ -263,11 +263,8 @@ pub(super) fn validate(
             }
         }
         let protocol = r.protocol.unwrap_or(Protocol::Http);
-        if protocol == Protocol::Tcp {
-            cx.bad(
-                format!("{at}.protocol"),
-                "outbound `tcp` listeners are not in this build yet; use `http`",
-            );
+        if protocol == Protocol::Tcp && !hosts.is_empty() {
+            cx.bad(format!("{at}.hosts"), "a `tcp` listener has no host to route by; remove `hosts`");
         }
         let upstream = validate_upstream(&at, r.upstream, cx);
         let request_timeout = cx.duration(

@@ -33,10 +33,21 @@ pub async fn serve(client: TcpStream, ctx: &ListenerCtx) {
 }
 
 async fn forward<S: AsyncRead + AsyncWrite + Unpin>(client: S, ctx: &ListenerCtx) {
-    // The same dialling as the HTTP pool: failed attempts sent nothing, so they are retried.
-    let connector = Connector::new(ctx.config.target.clone());
-    let mut upstream = match connector.connect(ctx.config.connect_timeout).await {
-        Ok(io) => io.into_inner(),
+    let connected = match ctx.routes.as_ref().and_then(|r| r.only()) {
+        // Outbound: an endpoint of the upstream, balanced, with ejection and TLS origination.
+        Some(route) => route.upstream.connect_tcp().await.map_err(|e| e.to_string()),
+        // The same dialling as the HTTP pool: failed attempts sent nothing, so they are retried.
+        None => {
+            let connector = Connector::new(ctx.config.target.clone());
+            connector
+                .connect(ctx.config.connect_timeout)
+                .await
+                .map(|io| io.into_inner())
+                .map_err(|e| e.to_string())
+        }
+    };
+    let mut upstream = match connected {
+        Ok(stream) => stream,
         Err(e) => {
             tracing::warn!(error = %e, "closing the client: no connection to the target");
             return;

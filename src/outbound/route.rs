@@ -42,6 +42,11 @@ impl Routes {
         }
     }
 
+    /// The listener's one upstream, for `tcp` listeners (which cannot route by host).
+    pub fn only(&self) -> Option<&Route> {
+        self.all.as_ref()
+    }
+
     /// The route for a request, or the host it named when none matches.
     pub fn pick(&self, parts: &http::request::Parts) -> Result<&Route, String> {
         if let Some(all) = &self.all {

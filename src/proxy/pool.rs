@@ -297,6 +297,11 @@ impl Endpoint {
         Ok(H1Conn::new(io.into_inner(), self.clone(), slot))
     }
 
+    /// A new connection of its own, not pooled (outbound `tcp` listeners).
+    pub async fn connect(&self, connect_timeout: Duration) -> Result<crate::net::Stream, PoolError> {
+        self.connector.connect(connect_timeout).await.map(|io| io.into_inner())
+    }
+
     /// Closes idle connections older than `max_age` or closed by the peer.
     fn reap(&self, max_age: Duration) {
         // Pop what is there now and push back the good ones, in order; connections returned

@@ -64,3 +64,30 @@ def test_grpc_through_an_outbound_listener(grpc_app, grpc_stubs, start_sidecar):
     finally:
         channel.close()
     assert sc.metrics().value("sidecar_outbound_requests_total", upstream="echo", status_code="200") >= 2
+
+
+def test_tcp_outbound_balances_connections_and_skips_a_dead_endpoint(tcp_app, start_sidecar):
+    import socket
+
+    dead = free_port()
+    listen = free_port()
+    cfg = {
+        "admin": {"listen": f"127.0.0.1:{free_port()}"},
+        "outbound": [{
+            "name": "db", "listen": f"127.0.0.1:{listen}", "protocol": "tcp", "balance": "round-robin",
+            "upstream": {"endpoints": [f"127.0.0.1:{dead}", f"127.0.0.1:{tcp_app.port}"]},
+        }],
+    }
+    sc = start_sidecar(cfg)
+    for i in range(6):
+        with socket.create_connection(("127.0.0.1", listen), timeout=5) as s:
+            s.settimeout(5)
+            f = s.makefile("rb")
+            assert f.readline() == b"BANNER\n"
+            s.sendall(b"ping %d\n" % i)
+            assert f.readline() == b"ping %d\n" % i
+            s.shutdown(socket.SHUT_WR)
+            assert f.readline().startswith(b"FINAL")
+    m = sc.metrics()
+    assert m.value("sidecar_outbound_connect_errors_total", upstream="db", reason="connection_refused") >= 1
+    assert m.value("sidecar_outbound_retries_total", upstream="db") >= 1
