@@ -362,7 +362,12 @@ impl Upstream {
             Err(CallError::Failed { source, .. }) if source.is_retryable() => {
                 Verdict { failure: true, retry: on.connect_failure }
             }
-            Err(CallError::Failed { .. }) => Verdict { failure: true, retry: on.reset && retryable_request },
+            // The connection broke after the request went out: a reset, retried for requests
+            // safe to repeat. An answer that was not HTTP is not retried: it was an answer.
+            Err(CallError::Failed { source, .. }) => Verdict {
+                failure: true,
+                retry: on.reset && retryable_request && source.kind() != "app_invalid_response",
+            },
             // As Envoy: a try that timed out counts as a 504 from that endpoint.
             Err(CallError::PerTryTimeout { .. }) => Verdict {
                 failure: true,

@@ -34,8 +34,9 @@ const KEPT: usize = 256;
 pub struct ConnState {
     /// Bumped on every read and write: the idle timer compares snapshots.
     pub activity: AtomicU64,
-    /// Requests whose response has not finished.
-    pub in_flight: AtomicUsize,
+    /// Requests waiting for their response head (bounded by `request_timeout`, not by the
+    /// idle timeout); a response that streams counts as activity instead.
+    pub awaiting_head: AtomicUsize,
     /// Milliseconds since `epoch` + 1 when a request head began and is not yet complete;
     /// 0 when no head is being read.
     pub head_started: AtomicU64,
@@ -50,7 +51,7 @@ impl ConnState {
     pub fn new() -> Arc<Self> {
         let s = ConnState {
             activity: AtomicU64::new(0),
-            in_flight: AtomicUsize::new(0),
+            awaiting_head: AtomicUsize::new(0),
             head_started: AtomicU64::new(1),
             refused: AtomicBool::new(false),
             upgraded: AtomicBool::new(false),

@@ -276,7 +276,6 @@ impl RequestEnd {
 impl OnEnd for RequestEnd {
     fn on_end(self, bytes_out: u64, complete: bool, reusable: Option<H1Conn>) {
         let conn = &self.conn;
-        conn.state.in_flight.fetch_sub(1, Ordering::Relaxed);
         let elapsed = self.start.elapsed();
         self.metrics.request(self.status, elapsed);
         // Given only when both bodies went through whole and the app keeps it open;
@@ -321,7 +320,7 @@ struct Prepared {
 /// A request's trip: prepare it for the app, send it, and shape the answer for the client.
 /// Whatever fails on the way becomes a local reply through `ProxyError::rescue`.
 async fn handle(req: Request<Incoming>, conn: Arc<Conn>) -> Response<Body> {
-    conn.state.in_flight.fetch_add(1, Ordering::Relaxed);
+    let awaiting = AwaitingHead::new(&conn.state);
     let mut end = RequestEnd::new(&req, &conn);
     let prepared = match prepare(req, &conn, &mut end).await {
         Ok(p) => p,
@@ -329,9 +328,28 @@ async fn handle(req: Request<Incoming>, conn: Arc<Conn>) -> Response<Body> {
     };
     let client_upgrade = prepared.client_upgrade.is_some();
     let upstream = prepared.route.map(|r| r.upstream);
-    match send(prepared.req, prepared.proto, client_upgrade, upstream, &conn, &end).await {
+    let sent = send(prepared.req, prepared.proto, client_upgrade, upstream, &conn, &end).await;
+    drop(awaiting);
+    match sent {
         Ok(resp) => respond(resp, prepared.client_upgrade, &conn, end),
         Err(e) => local_reply(end, &e),
+    }
+}
+
+/// Counts a request as waiting for its response head until dropped, however `handle` ends
+/// (a client that resets its stream drops the future midway).
+struct AwaitingHead<'a>(&'a ConnState);
+
+impl<'a> AwaitingHead<'a> {
+    fn new(state: &'a ConnState) -> Self {
+        state.awaiting_head.fetch_add(1, Ordering::Relaxed);
+        AwaitingHead(state)
+    }
+}
+
+impl Drop for AwaitingHead<'_> {
+    fn drop(&mut self) {
+        self.0.awaiting_head.fetch_sub(1, Ordering::Relaxed);
     }
 }
 

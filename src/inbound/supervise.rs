@@ -18,7 +18,8 @@ pub enum Ended {
 
 /// Drives a connection while enforcing the header timeout (a request head must arrive
 /// whole within `header_read_timeout` of its first byte, or of the connection's start),
-/// the idle timeout (no request in flight and no bytes for `idle_timeout`) and the drain
+/// the idle timeout (no bytes either way for `idle_timeout`, with no request waiting for its
+/// response head: an idle keep-alive connection or a stalled response body) and the drain
 /// (idle HTTP/1 closed, busy HTTP/1 closed after the current response, HTTP/2 GOAWAY).
 /// One timer per connection, ticking at half the smaller timeout.
 ///
@@ -87,7 +88,10 @@ pub async fn supervise<E, C: Future<Output = Result<(), E>>>(
             if head != 0 && state.now_ms().saturating_sub(head) >= header_ms {
                 return Poll::Ready(Ok(Ended::HeaderTimeout));
             }
-            let idle = state.in_flight.load(Ordering::Relaxed) == 0
+            // No bytes either way for `idle_timeout`, and no request waiting for its response
+            // head (those wait up to `request_timeout`): an idle keep-alive connection, or a
+            // response whose body stalled (nginx's `proxy_read_timeout`, 60 s by default too).
+            let idle = state.awaiting_head.load(Ordering::Relaxed) == 0
                 && now.duration_since(last_change) >= limits.idle_timeout;
             if idle {
                 if shutting_down {
@@ -160,10 +164,10 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_busy_connection_is_not_idle() {
+    async fn a_request_waiting_for_its_head_is_not_idle() {
         let state = ConnState::new();
         state.head_started.store(0, Ordering::Relaxed);
-        state.in_flight.store(1, Ordering::Relaxed);
+        state.awaiting_head.store(1, Ordering::Relaxed);
         let (_drain, watch) = Drain::new();
         let conn = FakeConn { shut: false, obeys: true };
         let limits = limits(10_000, 50);

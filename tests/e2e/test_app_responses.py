@@ -10,6 +10,7 @@ close-delimited, interim 1xx, HEAD) come through whole. Other clients carry on t
 
 import socket
 import threading
+import time
 
 import pytest
 
@@ -28,6 +29,8 @@ ANSWERS = {
     "/garbage": b"SSH-2.0-OpenSSH_9.2\r\n\r\n",
     "/cut-short": b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\nonly part",
     "/bad-chunk": b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\nzz\r\nhello\r\n0\r\n\r\n",
+    # Ten of the hundred bytes promised, then nothing, on a connection kept open.
+    "/stall": b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\n0123456789",
 }
 # Answers after which the app closes the connection (or the framing needs it).
 CLOSES = {"/until-close", "/cut-short", "/cl-te", "/two-lengths", "/bare-lf", "/gzip-te", "/garbage", "/bad-chunk"}
@@ -142,3 +145,60 @@ def test_a_body_that_breaks_off_ends_the_clients_response_early(sc, path):
     rec = [rec for rec in sc.access_log() if rec.get("path", rec.get("uri", "")).endswith(path)][-1]
     assert rec["error"] == "response_incomplete", rec
     assert http_request(sc.port(), "/ok").body == b"ok"
+
+
+@pytest.mark.parametrize("path", ["/cl-te", "/two-lengths", "/garbage"])
+def test_an_outbound_upstream_answering_garbage_is_a_502_and_others_carry_on(start_sidecar, path):
+    """The same client carries outbound calls: an upstream's broken answer is a 502 naming the
+    upstream, never passed on, and not retried (it was not a reset)."""
+    app = RawApp()
+    try:
+        port = free_port()
+        sc = start_sidecar({
+            "admin": {"listen": f"127.0.0.1:{free_port()}"},
+            "outbound": [{"name": "raw", "listen": f"127.0.0.1:{port}", "upstream": {"endpoints": [f"127.0.0.1:{app.port}"], "http": "http1"}}],
+            "telemetry": {"access_log": {"enabled": True, "path": "stdout"}},
+        })
+        r = http_request(port, path)
+        assert r.status == 502 and r.body.startswith(b"upstream raw: "), (r.status, r.body)
+        assert b"smuggled" not in r.body
+        rec = wait_until(lambda: [x for x in sc.access_log() if x.get("path", "").endswith(path)], 5, what="the record")[-1]
+        assert (rec["direction"], rec["error"]) == ("outbound", "upstream_invalid_response"), rec
+        assert sc.metrics().value("sidecar_outbound_retries_total", upstream="raw") == 0
+        assert http_request(port, "/ok").body == b"ok"
+    finally:
+        app.stop()
+
+
+@pytest.mark.parametrize("direction", ["inbound", "outbound"])
+def test_a_body_that_stalls_is_cut_after_idle_timeout(start_sidecar, direction):
+    """An app or upstream that sends part of a body and then nothing: after `idle_timeout`
+    with no bytes either way the client's connection is closed (nginx's proxy_read_timeout),
+    and the record says the response was incomplete."""
+    app = RawApp()
+    try:
+        port = free_port()
+        limits = {"idle_timeout": "1s", "header_read_timeout": "10s"}
+        if direction == "inbound":
+            cfg = make_config(app.port, web_port=port, limits=limits)
+        else:
+            cfg = {
+                "admin": {"listen": f"127.0.0.1:{free_port()}"},
+                "outbound": [{"name": "raw", "listen": f"127.0.0.1:{port}", "limits": limits,
+                              "upstream": {"endpoints": [f"127.0.0.1:{app.port}"], "http": "http1"}}],
+                "telemetry": {"access_log": {"enabled": True, "path": "stdout"}},
+            }
+        sc = start_sidecar(cfg)
+        c = RawConn(port)
+        c.send(b"GET /stall HTTP/1.1\r\nhost: x\r\n\r\n")
+        started = time.monotonic()
+        with pytest.raises(Exception):
+            c.read_response()
+        took = time.monotonic() - started
+        c.close()
+        assert 0.8 < took < 5, f"stalled response cut after {took:.1f}s with idle_timeout 1s"
+        rec = wait_until(lambda: [x for x in sc.access_log() if x.get("path", "").endswith("/stall")], 5, what="the record")[-1]
+        assert rec["error"] == "response_incomplete", rec
+        assert http_request(port, "/ok").body == b"ok"
+    finally:
+        app.stop()
