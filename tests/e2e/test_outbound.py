@@ -596,3 +596,30 @@ def test_check_names_bad_outbound_fields(tmp_path):
     ok.write_text("outbound: [{ name: orders, listen: 127.0.0.1:15993, upstream: { endpoints: [\"orders.test:8080\", \"127.0.0.7:8080\"] } }]\n")
     p = run_sidecar_cmd("check", "-c", ok)
     assert p.returncode == 0, p.stderr
+
+
+def test_search_domains_and_ndots_as_kubernetes_writes_them(start_sidecar, pods, dns):
+    """`orders` is found as `orders.default.svc.cluster.local`: the resolv.conf's search list
+    and `ndots:5` apply to names with fewer dots, as in a pod."""
+    (pod,) = pods(["127.0.0.31"])
+    dns.set("orders.default.svc.cluster.local", [pod.host], ttl=5)
+    dns.resolv_conf.write_text(
+        f"nameserver {dns.host}\nsearch default.svc.cluster.local svc.cluster.local cluster.local\noptions ndots:5 timeout:1 attempts:2\n"
+    )
+    upstream = {"dns_refresh": "5s", "resolv_conf": str(dns.resolv_conf)}
+    sc = start_sidecar(config(outbound("orders", [f"orders:{pod.port}"], upstream=upstream)))
+    r = http_request(oport(sc, "orders"), "/x")
+    assert r.status == 200 and r.json()["served_by"] == pod.address, r.body
+
+
+def test_a_failed_lookup_keeps_the_last_good_addresses(start_sidecar, pods, dns):
+    (pod,) = pods(["127.0.0.32"])
+    dns.set("kept.test", [pod.host], ttl=1)
+    upstream = {"dns_refresh": "1s", "resolv_conf": str(dns.resolv_conf)}
+    sc = start_sidecar(config(outbound("kept", [f"kept.test:{pod.port}"], upstream=upstream)))
+    assert http_request(oport(sc, "kept"), "/a").status == 200
+    dns.proc.stop()  # the DNS server goes away: lookups time out
+    wait_until(lambda: endpoints(sc, "kept").get("unresolved") == 1, 10, what="the failed lookup to show")
+    assert endpoints(sc, "kept").get("healthy") == 1
+    assert http_request(oport(sc, "kept"), "/b").status == 200
+    assert "DNS lookup failed; keeping the last good addresses" in sc.stderr_text()
