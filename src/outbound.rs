@@ -206,9 +206,7 @@ impl Upstream {
         let mut last: Option<Arc<Member>> = None;
         let mut attempt = 1;
         loop {
-            let Some(member) = self.pick(last.as_ref()) else {
-                return Err(CallError::Unavailable { upstream: self.name.clone(), why: self.why_empty() });
-            };
+            let member = self.pick(last.as_ref())?;
             let body = match (&replay, body.take()) {
                 (Some(bytes), _) => RequestBody::full(bytes.clone()),
                 (None, Some(b)) => b,
@@ -241,9 +239,7 @@ impl Upstream {
         let mut last: Option<Arc<Member>> = None;
         let mut attempt = 1;
         loop {
-            let Some(member) = self.pick(last.as_ref()) else {
-                return Err(CallError::Unavailable { upstream: self.name.clone(), why: self.why_empty() });
-            };
+            let member = self.pick(last.as_ref())?;
             let in_flight = member.start();
             let started = Instant::now();
             match member.h1.connect(cfg.connect_timeout).await {
@@ -273,9 +269,12 @@ impl Upstream {
         }
     }
 
-    fn pick(&self, avoid: Option<&Arc<Member>>) -> Option<Arc<Member>> {
+    /// A member for the next try, or why there is none (503 naming the upstream).
+    fn pick(&self, avoid: Option<&Arc<Member>>) -> Result<Arc<Member>, CallError> {
         let members = self.members.load();
-        self.picker.pick(self.config.balance, &members, self.now_ms(), avoid)
+        self.picker
+            .pick(self.config.balance, &members, self.now_ms(), avoid)
+            .ok_or_else(|| CallError::Unavailable { upstream: self.name.clone(), why: self.why_empty() })
     }
 
     fn why_empty(&self) -> String {

@@ -15,7 +15,45 @@ pub mod server;
 pub use identity::PeerIdentity;
 pub use server::{ServerTls, TlsError};
 
+use std::sync::Weak;
+
+use tokio::sync::oneshot;
+
 use crate::config::{Config, ConfigError, Problem};
+
+/// TLS material built from watched files: a listener's server config, an upstream's client
+/// config.
+trait Rebuild: Send + Sync + 'static {
+    /// Rebuilds from the files; on error the current material stays.
+    fn rebuild(&self) -> Result<(), TlsError>;
+}
+
+/// Rebuilds `tls` whenever the watched files settle on new content, until its owner drops it
+/// (a reload replaced it, or the process is exiting: `dropped`) or the watcher stops. The
+/// rebuild reads files, so it runs on a blocking thread. `owner` names it in the log
+/// (`listener=web`, `upstream=orders`).
+async fn rotate<T: Rebuild>(
+    tls: Weak<T>,
+    mut watch: crate::files::Watch,
+    mut dropped: oneshot::Receiver<()>,
+    owner: (&'static str, String),
+) {
+    let (kind, name) = owner;
+    loop {
+        tokio::select! {
+            changed = watch.changed() => if changed.is_none() { return },
+            _ = &mut dropped => return,
+        }
+        let Some(t) = tls.upgrade() else { return };
+        match tokio::task::spawn_blocking(move || t.rebuild()).await {
+            Ok(Ok(())) => tracing::info!(%kind, %name, "TLS material rotated"),
+            Ok(Err(e)) => {
+                tracing::error!(%kind, %name, error = %e, "TLS files changed but cannot be used; keeping the current ones")
+            }
+            Err(e) => tracing::error!(%kind, %name, error = %e, "TLS rebuild failed"),
+        }
+    }
+}
 
 /// Loads every listener's TLS files the way `run` would, for `sidecar check`: each problem
 /// names the field and the file.

@@ -8,7 +8,7 @@
 //! name is (WebPKI rules). A mismatch fails the handshake: nothing is sent.
 
 use std::path::PathBuf;
-use std::sync::{Arc, Weak};
+use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
@@ -84,7 +84,7 @@ impl ClientTls {
         });
         let paths = [files.ca.as_ref(), files.cert.as_ref(), files.key.as_ref()];
         let watch = watcher.watch(paths.into_iter().flatten().cloned().collect(), SETTLE);
-        tokio::spawn(rotate(Arc::downgrade(&tls), watch, dropped, upstream.to_owned()));
+        tokio::spawn(super::rotate(Arc::downgrade(&tls), watch, dropped, ("upstream", upstream.to_owned())));
         Ok(tls)
     }
 
@@ -98,29 +98,10 @@ impl ClientTls {
     }
 }
 
-async fn rotate(
-    tls: Weak<ClientTls>,
-    mut watch: crate::files::Watch,
-    mut dropped: oneshot::Receiver<()>,
-    upstream: String,
-) {
-    loop {
-        tokio::select! {
-            changed = watch.changed() => if changed.is_none() { return },
-            _ = &mut dropped => return,
-        }
-        let Some(t) = tls.upgrade() else { return };
-        let rebuilt = tokio::task::spawn_blocking(move || {
-            build(&t.files, &t.alpn).map(|c| t.current.store(Arc::new(c)))
-        })
-        .await;
-        match rebuilt {
-            Ok(Ok(())) => tracing::info!(%upstream, "upstream TLS material rotated"),
-            Ok(Err(e)) => {
-                tracing::error!(%upstream, error = %e, "upstream TLS files changed but cannot be used; keeping the current ones")
-            }
-            Err(e) => tracing::error!(%upstream, error = %e, "upstream TLS rebuild failed"),
-        }
+impl super::Rebuild for ClientTls {
+    fn rebuild(&self) -> Result<(), TlsError> {
+        self.current.store(Arc::new(build(&self.files, &self.alpn)?));
+        Ok(())
     }
 }
 

@@ -10,7 +10,7 @@
 //! dropped and live on only inside rustls.
 
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Weak};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use arc_swap::ArcSwap;
@@ -98,7 +98,7 @@ impl ServerTls {
         });
         let paths = [Some(&files.cert), Some(&files.key), files.client_ca.as_ref()];
         let watch = watcher.watch(paths.into_iter().flatten().cloned().collect(), SETTLE);
-        tokio::spawn(rotate(Arc::downgrade(&tls), watch, dropped, listener.to_owned()));
+        tokio::spawn(super::rotate(Arc::downgrade(&tls), watch, dropped, ("listener", listener.to_owned())));
         Ok(tls)
     }
 
@@ -115,40 +115,14 @@ impl ServerTls {
     pub fn acceptor(&self) -> TlsAcceptor {
         TlsAcceptor::from(self.current.load_full())
     }
+}
 
-    /// Rebuilds from the files; on error the current config stays.
-    fn reload(&self) -> Result<(), TlsError> {
+impl super::Rebuild for ServerTls {
+    fn rebuild(&self) -> Result<(), TlsError> {
         let (config, not_after) = build(&self.files, &self.alpn, &self.sessions, &self.ticketer)?;
         self.current.store(Arc::new(config));
         self.expiry.set(not_after);
         Ok(())
-    }
-}
-
-/// Rebuilds the config whenever the watched files settle on new content, until the
-/// listener drops its `ServerTls` (a reload replaced it, or the process is exiting) or the
-/// watcher stops. The rebuild reads files, so it runs on a blocking thread.
-async fn rotate(
-    tls: Weak<ServerTls>,
-    mut watch: crate::files::Watch,
-    mut dropped: oneshot::Receiver<()>,
-    listener: String,
-) {
-    loop {
-        tokio::select! {
-            changed = watch.changed() => if changed.is_none() { return },
-            _ = &mut dropped => return,
-        }
-        let Some(t) = tls.upgrade() else { return };
-        let cert = t.files.cert.display().to_string();
-        let rebuilt = tokio::task::spawn_blocking(move || t.reload()).await;
-        match rebuilt {
-            Ok(Ok(())) => tracing::info!(%listener, %cert, "TLS material rotated"),
-            Ok(Err(e)) => {
-                tracing::error!(%listener, error = %e, "TLS files changed but cannot be used; keeping the current ones")
-            }
-            Err(e) => tracing::error!(%listener, error = %e, "TLS rebuild failed"),
-        }
     }
 }
 

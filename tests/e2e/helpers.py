@@ -236,9 +236,10 @@ def _stop(proc: subprocess.Popen, timeout=5.0):
 class AppProcess:
     """A test app started as a child process; it prints `PORT <n>` once it listens."""
 
-    def __init__(self, script: str, *args, log_dir: Path):
+    def __init__(self, script: str, *args, log_dir: Path, tag: str | None = None):
         self.name = Path(script).stem
-        self.log = open(log_dir / f"{self.name}.stderr", "wb")
+        # `tag` names the log file when one test starts the same app several times.
+        self.log = open(log_dir / f"{tag or self.name}.stderr", "wb")
         self.proc = subprocess.Popen(
             [sys.executable, str(APPS / script), *map(str, args)],
             stdout=subprocess.PIPE,

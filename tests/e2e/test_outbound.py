@@ -15,8 +15,6 @@ import os
 import random
 import signal
 import socket
-import subprocess
-import sys
 import threading
 import time
 from collections import Counter
@@ -24,40 +22,13 @@ from collections import Counter
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from helpers import APPS, LOCALHOST, _stop, die_with_parent, free_port, http_request, run_sidecar_cmd, wait_until
+from helpers import LOCALHOST, AppProcess, free_port, http_request, run_sidecar_cmd, wait_until
 
 
 # --------------------------------------------------------------------------------------------
 # the pods, the DNS server, configs and clients
 # --------------------------------------------------------------------------------------------
-class Proc:
-    """A test app child process that prints `PORT <n>` once it listens."""
-
-    def __init__(self, script, *args, log_dir, tag):
-        self.log = open(log_dir / f"{tag}.stderr", "wb")
-        self.proc = subprocess.Popen(
-            [sys.executable, str(APPS / script), *map(str, args)],
-            stdout=subprocess.PIPE,
-            stderr=self.log,
-            start_new_session=True,
-            preexec_fn=die_with_parent,
-        )
-        out = []
-        t = threading.Thread(target=lambda: out.append(self.proc.stdout.readline()), daemon=True)
-        t.start()
-        t.join(15)
-        line = out[0] if out else b""
-        if not line.startswith(b"PORT "):
-            self.stop()
-            raise RuntimeError(f"{script} {args} did not start: {line!r}; see {self.log.name}")
-        self.port = int(line.split()[1])
-
-    def stop(self):
-        _stop(self.proc)
-        self.log.close()
-
-
-class Pod(Proc):
+class Pod(AppProcess):
     """One upstream pod on `host` (a 127.x address); port 0 picks one."""
 
     def __init__(self, log_dir, host, port=0, status=200, delay_ms=0):
@@ -66,8 +37,11 @@ class Pod(Proc):
             log_dir=log_dir, tag=f"pod-{host}",
         )
         self.host = host
-        self.address = f"{host}:{self.port}"
         self.final = None  # the counts it printed when killed
+
+    @property
+    def address(self):
+        return f"{self.host}:{self.port}"
 
     def stats(self) -> dict:
         if self.final is not None:
@@ -116,7 +90,7 @@ class Dns:
         for _ in range(5):  # a random address: no clash with other runs on this machine
             self.host = f"127.53.{random.randint(1, 254)}.{random.randint(2, 254)}"
             try:
-                self.proc = Proc("dns_server.py", "--host", self.host, "--zone", self.zone_path, log_dir=log_dir, tag="dns")
+                self.proc = AppProcess("dns_server.py", "--host", self.host, "--zone", self.zone_path, log_dir=log_dir, tag="dns")
                 break
             except RuntimeError:
                 continue
