@@ -29,7 +29,7 @@ const RETRY_BACKOFF: Duration = Duration::from_millis(25);
 pub enum PoolError {
     #[error("connect to {addr}: {source}")]
     Connect { addr: Addr, source: std::io::Error },
-    #[error("connect to {addr}: timed out after {after:?}")]
+    #[error("connect to {addr}: connect_timeout ({after:?}) expired")]
     ConnectTimeout { addr: Addr, after: Duration },
     #[error("handshake with {addr}: {source}")]
     Handshake { addr: Addr, source: hyper::Error },

@@ -86,6 +86,10 @@ fn outbound(e: &CallError) -> Rescue {
     let (status, error) = match e {
         CallError::Unavailable { .. } => (StatusCode::SERVICE_UNAVAILABLE, "upstream_unavailable"),
         CallError::PerTryTimeout { .. } => (StatusCode::GATEWAY_TIMEOUT, "upstream_timeout"),
+        // A timeout is a 504 whichever one expired; the body says which.
+        CallError::Failed { source: PoolError::ConnectTimeout { .. }, .. } => {
+            (StatusCode::GATEWAY_TIMEOUT, "upstream_connect_timeout")
+        }
         CallError::Failed { source, .. } => (StatusCode::BAD_GATEWAY, outbound_kind(source.kind())),
         CallError::ClientBody(_) => (StatusCode::BAD_REQUEST, "client_body_error"),
     };

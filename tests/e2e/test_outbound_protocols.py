@@ -1,4 +1,4 @@
-"""Outbound protocol translation: an HTTP/1.1 app to an HTTP/2 upstream (the `h2` library's
+"""Outbound protocol translation and connect timeouts: an HTTP/1.1 app to an HTTP/2 upstream (the `h2` library's
 server), an HTTP/2 app (curl --http2-prior-knowledge) to an HTTP/1.1 upstream, `http: auto`
 finding out which one an endpoint speaks, and gRPC (grpcio both ends) through an outbound
 listener, which needs HTTP/2 end to end."""
@@ -91,3 +91,30 @@ def test_tcp_outbound_balances_connections_and_skips_a_dead_endpoint(tcp_app, st
     m = sc.metrics()
     assert m.value("sidecar_outbound_connect_errors_total", upstream="db", reason="connection_refused") >= 1
     assert m.value("sidecar_outbound_retries_total", upstream="db") >= 1
+
+
+def test_a_connect_timeout_is_a_504_that_says_so(start_sidecar):
+    """An endpoint whose accept queue is full drops SYNs: the connect times out, and the app
+    gets 504 naming `connect_timeout`, like the other timeouts."""
+    import socket
+
+    full = socket.socket()
+    full.bind(("127.0.0.1", 0))
+    full.listen(0)
+    port = full.getsockname()[1]
+    fillers = []
+    for _ in range(3):  # fill the queue; never accepted
+        s = socket.socket()
+        s.setblocking(False)
+        s.connect_ex(("127.0.0.1", port))
+        fillers.append(s)
+    try:
+        cfg, listen = outbound(port, "http1", name="stuck")
+        cfg["outbound"][0].update({"connect_timeout": "200ms", "retry": {"attempts": 1}})
+        start_sidecar(cfg)
+        r = http_request(listen, "/", timeout=10)
+        assert r.status == 504 and b"upstream stuck" in r.body and b"connect_timeout" in r.body, (r.status, r.body)
+    finally:
+        for s in fillers:
+            s.close()
+        full.close()
