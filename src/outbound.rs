@@ -15,6 +15,7 @@ mod metrics;
 pub mod route;
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -34,7 +35,7 @@ use crate::proxy::body::RequestBody;
 use crate::proxy::body::Upstream as UpstreamBody;
 use crate::proxy::connect::PoolError;
 use crate::proxy::headers::to_absolute_form;
-use crate::proxy::pool::{EndpointKey, Pool, Proto, TlsKey};
+use crate::proxy::pool::{EndpointKey, H1Conn, Pool, Proto, TlsKey};
 use crate::tls::client::ClientTls;
 use http::uri::Scheme;
 
@@ -78,6 +79,8 @@ pub struct Upstream {
     empty_because: Mutex<String>,
     /// True once discovery has published its first set: until then a call waits for it.
     ready: watch::Sender<bool>,
+    /// The same, read without the watch's lock on every call.
+    resolved: AtomicBool,
     pool: Arc<Pool>,
     /// TLS origination to every endpoint, when configured.
     tls: Option<Arc<ClientTls>>,
@@ -99,6 +102,7 @@ impl Upstream {
             draining: Mutex::new(Vec::new()),
             empty_because: Mutex::new("its endpoints are not resolved yet".to_owned()),
             ready: watch::channel(false).0,
+            resolved: AtomicBool::new(false),
             pool: Pool::new(),
             tls,
             picker: Picker::new(),
@@ -117,8 +121,9 @@ impl Upstream {
         &self.authority
     }
 
-    fn now_ms(&self) -> u64 {
-        self.epoch.elapsed().as_millis() as u64
+    /// `t` as milliseconds since the upstream's epoch: how ejection times are kept.
+    fn ms(&self, t: Instant) -> u64 {
+        t.saturating_duration_since(self.epoch).as_millis() as u64
     }
 
     /// Discovery's new answer: members for new addresses, the same members (and their
@@ -161,11 +166,12 @@ impl Upstream {
         }
         self.members.store(Arc::new(next));
         self.ready.send_replace(true);
+        self.resolved.store(true, Ordering::Release);
         self.update_gauges(unresolved);
     }
 
     fn update_gauges(&self, unresolved: usize) {
-        let now = self.now_ms();
+        let now = self.ms(Instant::now());
         let members = self.members.load();
         let ejected = members.iter().filter(|m| m.is_ejected(now)).count();
         let draining = self.draining.lock().unwrap_or_else(|p| p.into_inner()).len();
@@ -173,19 +179,24 @@ impl Upstream {
     }
 
     /// Sends `req` (origin-form, headers ready) to an endpoint, retrying where that is safe.
+    /// `sticky`: the connection the app's connection used last; taken when the first try
+    /// picks its endpoint (no pool queue touched), else given back to its pool.
+    /// `now`: when the request arrived (read once for its metrics; the budget, the pick and
+    /// the first try's latency reuse it rather than read the clock again).
     pub async fn call(
         self: &Arc<Self>,
         req: Request<RequestBody>,
+        mut sticky: Option<H1Conn>,
+        mut now: Instant,
     ) -> Result<Response<UpstreamBody>, CallError> {
         let cfg = &self.config;
-        let (parts, body) = req.into_parts();
-        let retryable_request = is_idempotent(&parts.method)
-            || parts
-                .headers
-                .get(&RETRYABLE_HEADER)
-                .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"true"));
-        let mut parts = parts;
-        parts.headers.remove(&RETRYABLE_HEADER);
+        let (mut parts, body) = req.into_parts();
+        // Removed whatever it says: it is a word between the app and its sidecar.
+        let marked = parts
+            .headers
+            .remove(&RETRYABLE_HEADER)
+            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"true"));
+        let retryable_request = is_idempotent(&parts.method) || marked;
         // Kept for a replay only when small and of known size; otherwise it streams once.
         // A request that is not safe to repeat is still kept for a connect failure, where
         // nothing was sent.
@@ -198,34 +209,45 @@ impl Upstream {
             Ok(bytes) => (None, Some(bytes)),
             Err(body) => (Some(body), None),
         };
-        if !*self.ready.borrow() {
+        if !self.resolved.load(Ordering::Acquire) {
             let mut ready = self.ready.subscribe();
             let _ = tokio::time::timeout(cfg.connect_timeout, ready.wait_for(|r| *r)).await;
+            now = Instant::now();
         }
-        self.budget.deposit();
+        self.budget.deposit(now);
         let mut last: Option<Arc<Member>> = None;
         let mut attempt = 1;
         loop {
-            let member = self.pick(last.as_ref())?;
+            let member = self.pick(last.as_ref(), now)?;
             let body = match (&replay, body.take()) {
                 (Some(bytes), _) => RequestBody::full(bytes.clone()),
                 (None, Some(b)) => b,
                 (None, None) => unreachable!("a streamed body is sent once"),
             };
             let req = Request::from_parts(clone_parts(&parts), body);
-            let outcome = self.try_once(&member, req).await;
+            let preferred = match sticky.take() {
+                Some(c) if c.is_to(&member.h1) => Some(c),
+                Some(c) => {
+                    c.return_to_pool();
+                    None
+                }
+                None => None,
+            };
+            let (outcome, ended) = self.try_once(&member, req, preferred, now).await;
             let can_retry = attempt < cfg.retry.attempts && replay.is_some();
             let verdict = self.judge(&outcome, retryable_request);
-            self.record(&member, verdict.failure);
+            self.record(&member, verdict.failure, ended);
+            let retry = verdict.retry && can_retry && self.budget.withdraw(ended);
             match outcome {
-                Ok(resp) if !(verdict.retry && can_retry && self.budget.withdraw()) => return Ok(resp),
-                Err(e) if !(verdict.retry && can_retry && self.budget.withdraw()) => return Err(e),
+                Ok(resp) if !retry => return Ok(resp),
+                Err(e) if !retry => return Err(e),
                 _ => {}
             }
             self.metrics.retries.inc();
             tracing::debug!(upstream = %self.name, endpoint = %member.addr, attempt, "retrying on another endpoint");
             tokio::time::sleep(crate::proxy::connect::jittered(cfg.retry.backoff * (1 << (attempt - 1))))
                 .await;
+            now = Instant::now();
             last = Some(member);
             attempt += 1;
         }
@@ -235,17 +257,19 @@ impl Upstream {
     /// and another one tried when the connect fails (nothing was sent), up to `attempts`.
     pub async fn connect_tcp(self: &Arc<Self>) -> Result<crate::net::Stream, CallError> {
         let cfg = &self.config;
-        self.budget.deposit();
         let mut last: Option<Arc<Member>> = None;
         let mut attempt = 1;
+        let mut started = Instant::now();
+        self.budget.deposit(started);
         loop {
-            let member = self.pick(last.as_ref())?;
+            let member = self.pick(last.as_ref(), started)?;
             let in_flight = member.start();
-            let started = Instant::now();
-            match member.h1.connect(cfg.connect_timeout).await {
+            let connected = member.h1.connect(cfg.connect_timeout).await;
+            let ended = Instant::now();
+            match connected {
                 Ok(stream) => {
-                    member.observe_latency(started.elapsed());
-                    self.record(&member, false);
+                    member.observe_latency(ended - started, ended);
+                    self.record(&member, false, ended);
                     // Counted as outstanding for as long as the connection is open would keep
                     // long-lived connections from balancing; the connect is the try.
                     drop(in_flight);
@@ -253,27 +277,28 @@ impl Upstream {
                 }
                 Err(source) => {
                     drop(in_flight);
-                    member.observe_latency(FAILURE_PENALTY);
+                    member.observe_latency(FAILURE_PENALTY, ended);
                     let kind = source.kind();
                     self.metrics.connect_error(kind.strip_prefix("app_").unwrap_or(kind));
-                    self.record(&member, true);
+                    self.record(&member, true, ended);
                     let retry = cfg.retry.on.connect_failure && attempt < cfg.retry.attempts;
-                    if !(retry && self.budget.withdraw()) {
+                    if !(retry && self.budget.withdraw(ended)) {
                         return Err(CallError::Failed { upstream: self.name.clone(), source });
                     }
                 }
             }
             self.metrics.retries.inc();
+            started = ended;
             last = Some(member);
             attempt += 1;
         }
     }
 
     /// A member for the next try, or why there is none (503 naming the upstream).
-    fn pick(&self, avoid: Option<&Arc<Member>>) -> Result<Arc<Member>, CallError> {
+    fn pick(&self, avoid: Option<&Arc<Member>>, now: Instant) -> Result<Arc<Member>, CallError> {
         let members = self.members.load();
         self.picker
-            .pick(self.config.balance, &members, self.now_ms(), avoid)
+            .pick(self.config.balance, &members, self.ms(now), avoid)
             .ok_or_else(|| CallError::Unavailable { upstream: self.name.clone(), why: self.why_empty() })
     }
 
@@ -285,32 +310,37 @@ impl Upstream {
         format!("all {} endpoints are ejected after consecutive failures", members.len())
     }
 
+    /// One try, from `started`; with when it ended (the clock read once for both the
+    /// latency sample and outlier detection).
     async fn try_once(
         &self,
         member: &Arc<Member>,
         req: Request<RequestBody>,
-    ) -> Result<Response<UpstreamBody>, CallError> {
+        preferred: Option<H1Conn>,
+        started: Instant,
+    ) -> (Result<Response<UpstreamBody>, CallError>, Instant) {
         let _in_flight = member.start();
-        let started = Instant::now();
-        let send = self.send(member, req);
+        let send = self.send(member, req, preferred);
         let result = match self.config.per_try_timeout {
             Some(t) => match tokio::time::timeout(t, send).await {
                 Ok(r) => r,
                 Err(_) => {
-                    member.observe_latency(t);
-                    return Err(CallError::PerTryTimeout { upstream: self.name.clone(), after: t });
+                    let ended = Instant::now();
+                    member.observe_latency(t, ended);
+                    return (Err(CallError::PerTryTimeout { upstream: self.name.clone(), after: t }), ended);
                 }
             },
             None => send.await,
         };
-        match result {
+        let ended = Instant::now();
+        let outcome = match result {
             Ok(resp) => {
-                member.observe_latency(started.elapsed());
+                member.observe_latency(ended - started, ended);
                 Ok(resp)
             }
             Err(source) => {
                 // A failure answers fast, and must not look like a fast endpoint.
-                member.observe_latency(FAILURE_PENALTY);
+                member.observe_latency(FAILURE_PENALTY, ended);
                 if let PoolError::Connect { .. } | PoolError::ConnectTimeout { .. } | PoolError::Tls { .. } =
                     source
                 {
@@ -319,7 +349,8 @@ impl Upstream {
                 }
                 Err(CallError::Failed { upstream: self.name.clone(), source })
             }
-        }
+        };
+        (outcome, ended)
     }
 
     /// One try on `member`, in the protocol `upstream.http` asks for: HTTP/1.1 on a pooled
@@ -329,6 +360,7 @@ impl Upstream {
         &self,
         member: &Member,
         req: Request<RequestBody>,
+        preferred: Option<H1Conn>,
     ) -> Result<Response<UpstreamBody>, PoolError> {
         let timeout = self.config.connect_timeout;
         let h2 = match self.config.upstream.http {
@@ -337,7 +369,8 @@ impl Upstream {
             HttpVersion::Auto => member.h2.speaks_h2(timeout).await,
         };
         if !h2 {
-            return member.h1.send_h1(req, None, timeout).await.map(|r| r.map(UpstreamBody::H1));
+            // (An HTTP/2 try leaves `preferred` to be dropped: it goes back to its pool.)
+            return member.h1.send_h1(req, preferred, timeout).await.map(|r| r.map(UpstreamBody::H1));
         }
         let scheme = if self.tls.is_some() { Scheme::HTTPS } else { Scheme::HTTP };
         let (mut parts, body) = req.into_parts();
@@ -378,10 +411,10 @@ impl Upstream {
 
     /// Feeds the outcome to outlier detection: ejects the endpoint when it crosses
     /// `consecutive_failures`, unless that would eject more than `max_ejected`.
-    fn record(self: &Arc<Self>, member: &Arc<Member>, failure: bool) {
+    fn record(self: &Arc<Self>, member: &Arc<Member>, failure: bool, at: Instant) {
         let outlier = &self.config.outlier;
         let outcome = if failure { Outcome::Failure } else { Outcome::Success };
-        let now = self.now_ms();
+        let now = self.ms(at);
         let Some(time) = member.record(outcome, outlier, now) else { return };
         let members = self.members.load();
         let ejected = members.iter().filter(|m| m.is_ejected(now)).count();

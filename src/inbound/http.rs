@@ -432,7 +432,11 @@ async fn send(
     let connect_timeout = l.config.connect_timeout;
     let send = async {
         if let Some(up) = &upstream {
-            return up.call(req).await.map_err(ProxyError::Outbound);
+            // Boxed: the call's future holds every try's; inline, it would make this future
+            // (moved into the timeout, then on every poll of hyper's dispatch) several
+            // times larger (memmove was 11 % of an outbound request's instructions).
+            let call = Box::pin(up.call(req, conn.sticky.take(), end.start));
+            return call.await.map_err(ProxyError::Outbound);
         }
         let sent = if upgrade {
             Box::pin(l.app_h1.send_upgrade(req, connect_timeout)).await.map(|r| r.map(Upstream::Hyper))

@@ -83,18 +83,17 @@ impl Member {
         InFlight(self.clone())
     }
 
-    /// A response head arrived after `rtt`: fold it into the average.
-    pub fn observe_latency(&self, rtt: Duration) {
+    /// A response head arrived after `rtt`, at `now`: fold it into the average.
+    pub fn observe_latency(&self, rtt: Duration, now: Instant) {
         let mut e = self.ewma.lock().unwrap_or_else(|p| p.into_inner());
-        let now = Instant::now();
         let sample = rtt.as_nanos() as f64;
         if sample > e.nanos {
             e.nanos = sample;
         } else {
-            let w = (-(now.duration_since(e.at).as_secs_f64()) / DECAY.as_secs_f64()).exp();
+            let w = (-(now.saturating_duration_since(e.at).as_secs_f64()) / DECAY.as_secs_f64()).exp();
             e.nanos = e.nanos * w + sample * (1.0 - w);
         }
-        e.at = now;
+        e.at = e.at.max(now);
     }
 
     /// Records an outcome; returns how long to eject the endpoint for when this failure is
@@ -224,9 +223,10 @@ mod tests {
     #[test]
     fn p2c_sends_less_to_the_slow_endpoint() {
         let m = members(3);
-        m[0].observe_latency(Duration::from_millis(200));
-        m[1].observe_latency(Duration::from_millis(2));
-        m[2].observe_latency(Duration::from_millis(2));
+        let now = Instant::now();
+        m[0].observe_latency(Duration::from_millis(200), now);
+        m[1].observe_latency(Duration::from_millis(2), now);
+        m[2].observe_latency(Duration::from_millis(2), now);
         let p = Picker::new();
         let mut hits = [0; 3];
         for _ in 0..3000 {

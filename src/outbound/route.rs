@@ -52,22 +52,23 @@ impl Routes {
         if let Some(all) = &self.all {
             return Ok(all);
         }
-        let host = request_host(parts).unwrap_or_default();
+        let host = request_host(parts).unwrap_or_default().to_ascii_lowercase();
         self.by_host.get(&host).ok_or(host)
     }
 }
 
-/// The request's host, lower case, without port or IPv6 brackets.
-fn request_host(parts: &http::request::Parts) -> Option<String> {
-    let raw = match parts.uri.authority() {
-        Some(a) => a.host().to_owned(),
-        None => {
-            let h = parts.headers.get(header::HOST)?.to_str().ok()?;
-            let authority: http::uri::Authority = h.parse().ok()?;
-            authority.host().to_owned()
-        }
+/// The request's host as sent, without port or IPv6 brackets; not allocated (it is read on
+/// every outbound request).
+fn request_host(parts: &http::request::Parts) -> Option<&str> {
+    let authority = match parts.uri.authority() {
+        Some(a) => a.as_str(),
+        None => parts.headers.get(header::HOST)?.to_str().ok()?,
     };
-    Some(raw.trim_start_matches('[').trim_end_matches(']').to_ascii_lowercase())
+    let host = match authority.strip_prefix('[') {
+        Some(v6) => v6.split(']').next()?,
+        None => authority.rsplit_once(':').map_or(authority, |(h, _)| h),
+    };
+    Some(host.rsplit_once('@').map_or(host, |(_, h)| h))
 }
 
 /// The target for the upstream's HTTP/1.1: origin-form, with `Host` the absolute-form

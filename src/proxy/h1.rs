@@ -236,6 +236,11 @@ impl H1Conn {
     }
 
     /// Into its endpoint's idle queue, for any request to take.
+    /// Whether the connection is to `endpoint` (outbound: the endpoint a try picked).
+    pub fn is_to(&self, endpoint: &Arc<Endpoint>) -> bool {
+        Arc::ptr_eq(&self.endpoint, endpoint)
+    }
+
     pub fn return_to_pool(self) {
         let endpoint = self.endpoint.clone();
         endpoint.put_idle(self);
