@@ -32,9 +32,11 @@ http {{
 """
 
 
-def app_conf(d, port, h2port, sock=None):
-    """The app; `sock`: also listen on this Unix socket (the `unix` workload)."""
+def app_conf(d, port, h2port, sock=None, listens="", servers=""):
+    """The app; `sock`: also listen on this Unix socket (the `unix` workload); `listens`: more
+    `listen` lines of the same server, `servers`: more servers (both: the outbound workloads)."""
     unix = f"    listen unix:{sock} backlog=4096;\n" if sock else ""
+    unix += listens
     return nginx_head(d) + f"""  sendfile on; tcp_nopush on;
   default_type application/octet-stream;
   server {{
@@ -44,7 +46,7 @@ def app_conf(d, port, h2port, sock=None):
     location = / {{ default_type text/plain; return 200 'hello world\\n'; }}
     location / {{ }}
   }}
-}}
+{servers}}}
 """
 
 

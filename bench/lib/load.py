@@ -7,9 +7,11 @@ from __future__ import annotations
 import os
 import re
 import subprocess
+import threading
 import time
 
-from procs import LOAD_CPU, LUA, children_cpu, cpu_busy, cpu_seconds, cpu_split
+import outbound
+from procs import LOAD_CPU, LUA, children_cpu, cpu_busy, cpu_seconds, cpu_split, cpu_steal
 from targets import Env, key
 
 def run_cmd(cmd, timeout, preload=None):
@@ -45,11 +47,12 @@ def pct(sorted_vals, q):
     return sorted_vals[i]
 
 
-def h2load(url, clients, streams, secs, extra=(), logfile=None):
-    cmd = ["h2load", "-t1", f"-c{clients}", f"-m{streams}", "-D", str(secs)] + list(extra)
+def h2load(url, clients, streams, secs, extra=(), logfile=None, n=None):
+    """h2load for `secs` seconds, or for `n` requests in all when n is given."""
+    cmd = ["h2load", "-t1", f"-c{clients}", f"-m{streams}"] + (["-n", str(n)] if n else ["-D", str(secs)]) + list(extra)
     if logfile:
         cmd += ["--log-file", logfile]
-    out = run_cmd(cmd + [url], timeout=secs + 30)
+    out = run_cmd(cmd + [url], timeout=(120 if n else secs + 30))
     m = re.search(r"finished in ([\d.]+)(ms|s|us)", out)
     r = re.search(r"requests: (\d+) total, (\d+) started, (\d+) done, (\d+) succeeded, (\d+) failed, (\d+) errored, (\d+) timeout", out)
     st = re.search(r"status codes: (\d+) 2xx", out)
@@ -57,8 +60,13 @@ def h2load(url, clients, streams, secs, extra=(), logfile=None):
         raise RuntimeError(f"h2load output not understood:\n{out}")
     secs_taken = float(m.group(1)) * {"s": 1, "ms": 1e-3, "us": 1e-6}[m.group(2)]
     ok = min(int(st.group(1)), int(r.group(4))) if st else int(r.group(4))
-    res = {"requests": ok, "rps": ok / secs_taken,
-           "errors": int(r.group(5)) + int(r.group(6)) + int(r.group(7)) + max(0, int(r.group(4)) - ok)}
+    res = {"requests": ok, "rps": ok / secs_taken, "secs": secs_taken,
+           "errors": int(r.group(5)) + int(r.group(6)) + int(r.group(7)) + max(0, int(r.group(4)) - ok),
+           "sent": int(r.group(1)), "done": int(r.group(3)), "failed": int(r.group(5)),
+           "errored": int(r.group(6)), "timeout": int(r.group(7))}
+    sc = re.search(r"status codes: (\d+) 2xx, (\d+) 3xx, (\d+) 4xx, (\d+) 5xx", out)
+    if sc:
+        res["status"] = dict(zip(("2xx", "3xx", "4xx", "5xx"), map(int, sc.groups())))
     tls = re.search(r"TLS Protocol: (\S+)\s+Cipher: (\S+)\s+Server Temp Key: ([^\n]+)\s+Application protocol: (\S+)", out)
     if tls:
         res["tls"] = " ".join(tls.groups())
@@ -129,9 +137,26 @@ WORKLOADS = [
      dict(path="/", conns=64, secs=(8, 3), tls=True)),
     ("tls-h2", "TLS: HTTP/2 (ALPN h2), 4 connections x 100 streams (h2load -c4 -m100 https)", "h2",
      dict(path="/", clients=4, streams=100, secs=(5, 3), tls=True)),
+    # Outbound ("ambassador") listeners: the app's calls to a service of three endpoints (the app
+    # nginx on 127.0.0.21-23), through a forward-proxy process of each proxy (outbound.py). The
+    # direct row is the app itself. Mid-run the driver counts the proxy's upstream connections.
+    ("outbound", "Outbound: small GETs (12 B) through each proxy's forward-proxy listener to 3 endpoints, "
+     "64 keep-alive connections (wrk -t1 -c64)", "wrk",
+     dict(path="/", conns=64, secs=(8, 3), via="outbound", count_conns=True)),
+    ("outbound-rate", "Outbound: fixed rate 2,000 req/s to 3 endpoints, 16 keep-alive connections "
+     "(h2load --h1 --rps 125 -c16)", "rate",
+     dict(path="/", clients=16, rps_each=125, secs=(10, 4), via="outbound")),
+    # One endpoint of three answers 503 to everything: what the client sees and what the
+    # endpoints see. Never warmed up nor redone: each run is a proxy's first meeting with the
+    # failing endpoint (its process is fresh each round), which is what is measured.
+    ("outbound-fail", "Outbound, one endpoint of three answering 503 to every request: 10,000 GETs over "
+     "16 keep-alive connections (h2load --h1 -n10000 -c16)", "count",
+     dict(path="/", clients=16, requests=(10000, 10000), via="outbound", fail=True, no_direct=True, once=True)),
 ]
 TLS_WORKLOADS = [w[0] for w in WORKLOADS if w[3].get("tls")]
 QUICK_TLS = ["tls-ka"]  # what --quick adds to the cleartext workloads
+QUICK_SKIP = ["outbound-rate"]  # cleartext workloads --quick leaves out
+OUTBOUND_WORKLOADS = [w[0] for w in WORKLOADS if w[3].get("via") == "outbound"]
 
 
 class CpuQuota:
@@ -202,9 +227,11 @@ def run_workload(env: Env, target: str, wl, quick: bool, tmp: str, warm: bool = 
 
 def measure_workload(env: Env, target: str, wl, quick: bool, tmp: str, warm: bool = True):
     name, _title, kind, p = wl
-    secs = p["secs"][1 if quick else 0]
+    secs = p["secs"][1 if quick else 0] if "secs" in p else None
     scheme = "http"
-    if p.get("tls"):
+    if p.get("fail"):
+        port = h2port = env.ob_fail_ports[key(target, p["via"])]
+    elif p.get("tls"):
         port, h2port = env.tls_ports[target]
         scheme = "https"
     elif p.get("l4"):
@@ -216,7 +243,7 @@ def measure_workload(env: Env, target: str, wl, quick: bool, tmp: str, warm: boo
     # wrk and h2load resume TLS sessions on reconnect; the shim makes every handshake a full one
     preload = env.tls["shim"] if p.get("full_handshakes") else None
     # short warm-up of the same kind, not measured (connections, pools, caches, allocator)
-    if warm:
+    if warm and kind != "count":  # outbound-fail: a proxy's first meeting with the failing endpoint
         if kind == "wrk":
             wrk(url, p["conns"], 1, p.get("headers", ()), preload)
         elif kind == "rate":
@@ -225,10 +252,23 @@ def measure_workload(env: Env, target: str, wl, quick: bool, tmp: str, warm: boo
             h2load(h2url, p["clients"], p["streams"], 1)
     pids = env.pids(target, p.get("via"))
     ours = pids + env.pids("app")
+    sample, ob0, st0 = {}, None, None
+    if p.get("count_conns"):
+        st0 = outbound.app_status(env.app_port)
+    if p.get("count_conns") and target != "direct":
+        # the proxy's connections to the endpoints, halfway through the run
+        timer = threading.Timer(secs / 2, lambda: sample.update(mid=env.ob_connections(target)))
+        timer.start()
+    if kind == "count":
+        ob0 = (outbound.log_size(env.app_dir), env.ob_metrics(target))
     u0, s0 = cpu_split(pids)
     c0, b0, o0, l0, t0 = cpu_seconds(pids), cpu_busy(), cpu_seconds(ours), children_cpu(), time.monotonic()
+    st0_ = cpu_steal()
     if kind == "wrk":
         r = wrk(url, p["conns"], secs, p.get("headers", ()), preload)
+    elif kind == "count":
+        r = h2load(url, p["clients"], 1, None, extra=["--h1"], n=p["requests"][1 if quick else 0],
+                   logfile=os.path.join(tmp, "h2load-count.log"))
     elif kind == "rate":
         r = h2load(url, p["clients"], 1, secs, extra=["--h1", f"--rps={p['rps_each']}"],
                    logfile=os.path.join(tmp, "h2load-rate.log"))
@@ -238,6 +278,7 @@ def measure_workload(env: Env, target: str, wl, quick: bool, tmp: str, warm: boo
         raise ValueError(kind)
     u1, s1 = cpu_split(pids)
     c1, b1, o1, l1, t1 = cpu_seconds(pids), cpu_busy(), cpu_seconds(ours), children_cpu(), time.monotonic()
+    r["steal"] = (cpu_steal() - st0_) / (t1 - t0)  # share of a core the hypervisor took (part of foreign)
     r["cpu_s"] = c1 - c0
     r["busy"] = (c1 - c0) / (t1 - t0) if pids else None  # share of its one core the proxy used
     # CPU used meanwhile by processes that are not part of this measurement (builds, tests...),
@@ -247,4 +288,16 @@ def measure_workload(env: Env, target: str, wl, quick: bool, tmp: str, warm: boo
     if r["cpu_per_100k"] is not None:
         r["user_per_100k"] = (u1 - u0) / r["requests"] * 100000
         r["sys_per_100k"] = (s1 - s0) / r["requests"] * 100000
+    if p.get("count_conns") and target != "direct":
+        timer.join()
+        time.sleep(0.5)  # what stays open once the clients are gone (pooled, idle)
+        r["conns"] = {"mid": sample.get("mid"), "after": env.ob_connections(target)}
+    st1 = outbound.app_status(env.app_port) if st0 else None
+    if st0 and st1:  # less the status request itself and its connection
+        r["app_accepts"], r["app_requests"] = st1["accepts"] - st0["accepts"] - 1, st1["requests"] - st0["requests"] - 1
+    if kind == "count":
+        time.sleep(0.3)  # the endpoints' log lines are written as they answer; let the last land
+        r["endpoints"] = outbound.endpoint_counts(env.app_dir, ob0[0])
+        if ob0[1] is not None:
+            r["metrics"] = outbound.diff_metrics(ob0[1], env.ob_metrics(target))
     return r

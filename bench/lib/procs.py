@@ -80,6 +80,12 @@ def cpu_busy() -> float:
     return (v[0] + v[1] + v[2] + v[7]) / CLK
 
 
+def cpu_steal() -> float:
+    """Seconds of all CPUs together taken by the hypervisor since boot (/proc/stat `steal`)."""
+    with open("/proc/stat") as f:
+        return int(f.readline().split()[8]) / CLK
+
+
 def children_cpu() -> float:
     import resource
     r = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -130,10 +136,11 @@ class Procs:
         if cpu is not None:
             cmd = ["taskset", "-c", cpu] + cmd
         f = open(logfile, "ab")
+        offset = f.tell()
         p = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                              start_new_session=True)
         f.close()
-        p.logfile = logfile
+        p.logfile, p.log_offset = logfile, offset  # the log is appended to by each start
         self.started.append(p)
         return p
 
@@ -159,10 +166,13 @@ class Procs:
             self.stop(p)
 
 
-def tail(proc, n=1500):
+def tail(proc, n=1500, own=False):
+    """The last n characters of a process's output; own: only what this start of it wrote."""
     try:
-        with open(proc.logfile, errors="replace") as f:
-            return f.read()[-n:]
+        with open(proc.logfile, "rb") as f:
+            if own:
+                f.seek(proc.log_offset)
+            return f.read().decode(errors="replace")[-n:]
     except (OSError, AttributeError):
         return ""
 

@@ -79,7 +79,7 @@ def build_report(data):
     def added(t, w, k):
         return paired(t, w, "direct", w, k, lambda x, y: x - y)
 
-    extra = {"floor": floor_report, "rate20k": rate20k_report, "unix": unix_report}
+    extra = {"floor": floor_report, "rate20k": rate20k_report, "unix": unix_report, "outbound": conns_report}
     untabled = []  # targets left out of a workload that has no table
 
     for wl in WORKLOADS:
@@ -87,6 +87,9 @@ def build_report(data):
         if w in TLS_WORKLOADS or not any(runs.get(t, {}).get(w) for t in targets):
             for t, why in data.get("skipped", {}).get(w, {}).items():  # no table to put it under
                 untabled.append(f"{w}: {t} not run: {why}")
+            continue
+        if wl[2] == "count":  # outbound-fail: what the client and the endpoints saw
+            fail_report(L, data, wl)
             continue
         L.append(f"## {wl[1]}")
         L.append("")
@@ -328,3 +331,130 @@ def tls_report(L, data, vals):
                 L.append(f"| {label} | {fmt_rps(s_r)} vs {fmt_rps(n_r)} = {s_r/n_r:.3f}×{cpu} | "
                          f"{'yes' if s_r / n_r >= need else 'no'} |")
         L.append("")
+
+
+def conns_report(L, data, vals, _paired, _added):
+    """How many upstream connections each proxy's 64 client connections turned into."""
+    runs, targets = data["runs"], data["targets"]
+    rows = [t for t in targets if runs.get(t, {}).get("outbound")]
+    if not [t for t in rows if t != "direct"]:
+        return
+    L.append("### Upstream connections of the 64 client connections (outbound)")
+    L.append("")
+    L.append("ESTABLISHED TCP sockets of the proxy's processes (`/proc/PID/net/tcp` matched to the inodes of "
+             "`/proc/PID/fd`): from clients to its listener, and to each endpoint (127.0.0.21 / .22 / .23 at the "
+             "app's port), halfway through the run and 0.5 s after it (what stays pooled); Sidecar's `balance: "
+             f"{data.get('outbound_balance', 'p2c-ewma')}`, nginx and HAProxy round-robin. Opened during the run: "
+             "connections the app accepted from the start of the measured run to 0.5 s after it (nginx "
+             "`stub_status`, the warm-up's connections not included; ≈ 1 a second of them are the inbound Sidecar's "
+             "TCP health checks of the app, in every row); requests at the app ÷ requests wrk counted "
+             "(> 1: retries, or requests still in flight when wrk stopped).")
+    L.append("")
+    L.append("| target | client conns mid-run | upstream conns mid-run | per endpoint mid-run (.21 / .22 / .23), "
+             "each round | upstream conns after the run | opened during the run | requests at the app ÷ client's |")
+    L.append("|---|---|---|---|---|---|---|")
+    i = lambda x: f"{x:.0f}"  # noqa: E731
+    for t in rows:
+        rs = runs[t]["outbound"]
+        nr = len(rs)
+        mid = [(r.get("conns") or {}).get("mid") for r in rs]
+        aft = [(r.get("conns") or {}).get("after") for r in rs]
+        per = "; ".join(" / ".join(str(v) for v in m["per_endpoint"].values()) for m in mid if m) or "—"
+        amp = [r["app_requests"] / r["requests"] if r.get("app_requests") is not None and r.get("requests") else None
+               for r in rs]
+        L.append("| " + " | ".join([
+            t if t != "direct" else "app direct",
+            cell([m["clients"] if m else None for m in mid], i, nr),
+            cell([m["upstream"] if m else None for m in mid], i, nr), per,
+            cell([a["upstream"] if a else None for a in aft], i, nr),
+            cell([r.get("app_accepts") for r in rs], i, nr), cell(amp, lambda x: f"{x:.4f}", nr)]) + " |")
+    L.append("")
+
+
+def fail_report(L, data, wl):
+    """outbound-fail: the share of requests the client saw succeed, and the requests the
+    endpoints saw per request sent (retries), per proxy; the bars; Sidecar's counters and log."""
+    runs, targets, w = data["runs"], data["targets"], wl[0]
+    rows = [t for t in targets if runs.get(t, {}).get(w)]
+    L.append(f"## {wl[1]}")
+    L.append("")
+    L.append("Endpoints 127.0.0.21 and .22 answer `hello world`, 127.0.0.23 answers 503 to everything; each request "
+             "an endpoint answers is a line in its access log (`$server_addr $status`), counted after the run. "
+             "Success: 2xx responses the client (h2load) saw over requests sent. Amplification: requests the three "
+             "endpoints saw over requests sent. Each run is the proxy's first meeting with the failing endpoint "
+             f"(processes fresh each round, no warm-up). Sidecar: `balance: {data.get('outbound_balance', 'p2c-ewma')}`, "
+             "`retry: { attempts: 2, budget: 20%, "
+             "min_retries_per_second: 10, on: [connect-failure, reset, 503] }`, `outlier: { consecutive_failures: 5, "
+             "base_ejection: 30s, max_ejected: 50% }`; nginx: `proxy_next_upstream error timeout http_503; "
+             "proxy_next_upstream_tries 2` (passive `max_fails=1 fail_timeout=10s`, its defaults); HAProxy: "
+             "`retries 1`, `option redispatch`, `retry-on conn-failure empty-response 503`, no health checks.")
+    L.append("")
+    for t, why in data.get("skipped", {}).get(w, {}).items():
+        L.append(f"Not run: **{t}**: {why}.")
+        L.append("")
+    L.append("| proxy | sent | 2xx | non-2xx | client errors | success | at the endpoints (.21 / .22 / .23) | "
+             "endpoints ÷ sent | p50 ms | p99 ms (2xx) | time s | CPU-s/100k |")
+    L.append("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    worst = {}
+    for t in rows:
+        rs = runs[t][w]
+        nr = len(rs)
+        sent = [r.get("sent") for r in rs]
+        ok = [r.get("status", {}).get("2xx") for r in rs]
+        non2 = [r["sent"] - r["status"]["2xx"] if r.get("status") else None for r in rs]
+        succ = [r["status"]["2xx"] / r["sent"] * 100 if r.get("status") and r.get("sent") else None for r in rs]
+        at = [sum(r.get("endpoints", {}).values()) for r in rs]
+        amp = [a / r["sent"] if r.get("sent") else None for a, r in zip(at, rs)]
+        worst[t] = (min([x for x in succ if x is not None], default=None), max([x for x in amp if x is not None], default=None))
+        per = "; ".join(ep_cell(r.get("endpoints", {})) for r in rs)
+        i = lambda x: f"{x:.0f}"  # noqa: E731
+        L.append("| " + " | ".join([
+            t, cell(sent, i, nr), cell(ok, i, nr), cell(non2, i, nr), cell([r["errors"] for r in rs], i, nr),
+            cell(succ, lambda x: f"{x:.2f}%", nr), per, cell(amp, lambda x: f"{x:.3f}×", nr),
+            cell([r.get("p50") for r in rs], fmt_ms, nr), cell([r.get("p99") for r in rs], fmt_ms, nr),
+            cell([r.get("secs") for r in rs], lambda x: f"{x:.2f}", nr),
+            cell([r.get("cpu_per_100k") for r in rs], fmt_f, nr)]) + " |")
+    L.append("")
+    if any(r.get("metrics") for t in rows for r in runs[t][w]):
+        L.append("Sidecar's own counters over each run (admin `/metrics`, upstream `orders-fail`): "
+                 + "; ".join(f"round {r.get('round', 0) + 1}: responses by status "
+                             + ", ".join(f"{k}: {v:.0f}" for k, v in sorted(r['metrics'].get('requests', {}).items()))
+                             + f", retries {r['metrics'].get('retries', 0):.0f}, endpoints after: "
+                             + ", ".join(f"{k} {v:.0f}" for k, v in sorted(r['metrics'].get('endpoints', {}).items()))
+                             for r in runs.get("sidecar", {}).get(w, []) if r.get("metrics")) + ".")
+        L.append("")
+    if worst:
+        L.append("Bars (Sidecar's; the others measured against the same), worst round:")
+        L.append("")
+        L.append("| proxy | success ≥ 99.9 % | met | endpoints ÷ sent ≤ 1.2× | met |")
+        L.append("|---|---|---|---|---|")
+        for t, (s_, a_) in worst.items():
+            L.append(f"| {t} | {fmt_f(s_, 3)}% | {yes(s_ is not None and s_ >= 99.9)} | "
+                     f"{fmt_f(a_, 3)}× | {yes(a_ is not None and a_ <= 1.2)} |")
+        L.append("")
+    logs = {k: v for k, v in data.get("logs", {}).items() if "outbound" in k}
+    if logs:
+        L.append("Sidecar's outbound process, last lines of its stderr (log level "
+                 "`warn` unless BENCH_SIDECAR_LOG_LEVEL) at the end of each round:")
+        L.append("")
+        L.append("```")
+        for k, v in logs.items():
+            L.append(f"# {k}")
+            L += v.splitlines()[-8:]
+        L.append("```")
+        L.append("")
+
+
+def ep_cell(counts):
+    """`.21 / .22 / .23` request counts of one run (non-200 answers in brackets)."""
+    by_ip: dict[str, list[int]] = {}
+    for k, v in counts.items():
+        ip, st = k.split()
+        by_ip.setdefault(ip, [0, 0])[0 if st == "200" else 1] += v
+    ips = ("127.0.0.21", "127.0.0.22", "127.0.0.23")
+    return " / ".join(f"{by_ip.get(ip, [0, 0])[0] + by_ip.get(ip, [0, 0])[1]}"
+                      + (f" ({by_ip[ip][1]} non-200)" if by_ip.get(ip, [0, 0])[1] else "") for ip in ips)
+
+
+def yes(ok):
+    return "yes" if ok else "no"

@@ -1,7 +1,8 @@
 """The targets: the app (its own nginx) and the proxies, each started from its config in its
 own directory under the run's temp dir, pinned to its CPU, checked, and stopped by pid. A
 workload may ask for a variant of the proxies (`via`): a second process of each, whose only
-difference is the upstream (the `unix` workload: the app's Unix socket).
+difference is the upstream (the `unix` workload: the app's Unix socket), or a forward proxy of
+its own (`outbound`: listeners to three endpoints of the app, configs in outbound.py).
 
 Not responsible for load (load.py) nor for config text (configs.py)."""
 from __future__ import annotations
@@ -11,8 +12,10 @@ import os
 import re
 import signal
 import subprocess
+import urllib.error
 import urllib.request
 
+import outbound as ob_conf  # (Env's `outbound` argument is a flag)
 from configs import BODY_SMALL, app_conf, haproxy_conf, nginx_proxy_conf, nginx_stream, sidecar_conf
 from procs import HERE, LOAD_CPU, PROXY_CPU, Procs, children_tree, free_port, http_get, wait_http_200, wait_tcp
 
@@ -31,21 +34,32 @@ class Env:
     tls: the TLS listeners (issue 5); l4: a TCP relay listener in each proxy (the `floor`
     workload); unix: the app also on a Unix socket, and a variant `unix` of each proxy that
     reaches it there (the `unix` workload). `skip[workload][target]` says why a target cannot
-    run a workload here (no nginx `stream` module; a Sidecar that refuses `unix:` addresses)."""
+    run a workload here (no nginx `stream` module; a Sidecar that refuses `unix:` addresses).
+    outbound: the app also on 127.0.0.21-23 (and a failing set, outbound.py), and a variant
+    `outbound` of each proxy with two forward-proxy listeners (ports[k][0] to the healthy set,
+    ob_fail_ports[k] to the failing one)."""
 
-    def __init__(self, tmp, sidecar_bin, procs: Procs, tls=False, l4=False, unix=False):
+    def __init__(self, tmp, sidecar_bin, procs: Procs, tls=False, l4=False, unix=False, outbound=False):
         self.tmp, self.bin, self.procs = tmp, sidecar_bin, procs
         self.app_port, self.app_h2 = free_port(), free_port()
         self.ports = {"direct": (self.app_port, self.app_h2)}
         self.admin = {}  # Sidecar's admin port, per process
         self.skip: dict[str, dict[str, str]] = {}
-        variants = [None] + (["unix"] if unix else [])
+        variants = [None] + (["unix"] if unix else []) + (["outbound"] if outbound else [])
         for via in variants:
             for t in PROXIES:
                 self.ports[key(t, via)] = (free_port(), free_port())
             k = key("sidecar", via)
             self.ports[k] = (self.ports[k][0], self.ports[k][0])  # one port: h1 + h2c
             self.admin[k] = free_port()
+        self.outbound = outbound
+        self.ob_fail_ports = {}  # the listener to the failing set, per outbound process
+        self.ep_fail_port = free_port() if outbound else None  # the failing set's port at the app
+        if outbound:
+            for t in PROXIES:
+                k = key(t, "outbound")
+                self.ports[k] = (self.ports[k][0], self.ports[k][0])
+                self.ob_fail_ports[k] = free_port()
         self.proc: dict[str, subprocess.Popen] = {}
         # TLS listeners (issue 5), only when TLS workloads run: same certificate in every proxy
         self.tls = self.make_tls() if tls else None
@@ -62,6 +76,7 @@ class Env:
                 self.skip.setdefault("floor", {})["nginx"] = why
                 del self.l4_ports["nginx"]
         self.app_sock = os.path.join(tmp, "app", "app.sock") if unix else None
+        self.app_dir = os.path.join(tmp, "app")
 
     def make_tls(self):
         """A dev CA and an ECDSA P-256 server certificate, made by Sidecar itself; a no-resumption
@@ -117,7 +132,9 @@ class Env:
             f.write(b"b" * (1024 * 1024 - 1) + b"\n")
         conf = os.path.join(d, "nginx.conf")
         with open(conf, "w") as f:
-            f.write(app_conf(d, self.app_port, self.app_h2, self.app_sock))
+            f.write(app_conf(d, self.app_port, self.app_h2, self.app_sock,
+                             ob_conf.app_listens(self.app_port) if self.outbound else "",
+                             ob_conf.app_servers(d, self.ep_fail_port) if self.outbound else ""))
         p = self.procs.start(["nginx", "-p", d, "-c", conf, "-e", f"{d}/error.log", "-g", "daemon off;"],
                              os.path.join(d, "out.log"), cpu=LOAD_CPU)
         wait_tcp(self.app_port, proc=p)
@@ -131,6 +148,22 @@ class Env:
         assert body == BODY_SMALL, body
         if self.app_sock:
             self.check_sidecar_unix()
+        if self.outbound:
+            self.check_endpoints()
+
+    def check_endpoints(self):
+        """The outbound endpoints: the healthy set answers `hello world`, the failing set's last
+        endpoint 503 (`http_get` raises on it), the others `hello world`."""
+        for ip in ob_conf.ENDPOINT_IPS:
+            for port in (self.app_port, self.ep_fail_port):
+                url = f"http://{ip}:{port}/"
+                try:
+                    st, body = http_get(url)
+                except urllib.error.HTTPError as e:
+                    st, body = e.code, b""
+                want = 503 if (ip == ob_conf.FAILING_IP and port == self.ep_fail_port) else 200
+                if st != want or (want == 200 and body != BODY_SMALL):
+                    raise RuntimeError(f"app endpoint {url}: status {st}, body {body[:40]!r}, wanted {want}")
 
     def check_sidecar_unix(self):
         """`sidecar check` on the unix variant's config: a Sidecar without `unix:` app addresses
@@ -150,7 +183,15 @@ class Env:
         tls = None if via else self.tls_of(name)
         l4 = None if via else self.l4_of(name)
         app = self.upstream(name, via)
-        if name == "nginx":
+        if via == "outbound":
+            ob = (port, self.ob_fail_ports[k], self.app_port, self.ep_fail_port)
+            if name == "nginx":
+                conf, text = "nginx.conf", ob_conf.nginx_conf(d, *ob)
+            elif name == "haproxy":
+                conf, text = "haproxy.cfg", ob_conf.haproxy_conf(d, *ob)
+            else:
+                conf, text = "sidecar.yaml", ob_conf.sidecar_conf(self.admin[k], *ob)
+        elif name == "nginx":
             conf, text = "nginx.conf", nginx_proxy_conf(d, port, h2, app, tls, l4, self.stream_module if l4 else "")
         elif name == "haproxy":
             conf, text = "haproxy.cfg", haproxy_conf(d, port, h2, app, tls, l4)
@@ -183,6 +224,8 @@ class Env:
             p = self.procs.start([self.bin, "run", "-c", conf], os.path.join(d, "out.log"), cpu=PROXY_CPU)
             self.proc[k] = p
             wait_http_200(f"http://127.0.0.1:{self.admin[k]}/ready", proc=p)
+        if k in self.ob_fail_ports:
+            wait_tcp(self.ob_fail_ports[k], proc=p)
         if self.tls and not via:
             for tp in set(self.tls_ports[name]):
                 wait_tcp(tp, proc=p)
@@ -243,6 +286,21 @@ class Env:
                 "group": grab(r"Server Temp Key: ([^\n]+)"),
                 "sig": grab(r"Peer signature type: (\S+)") + "+" + grab(r"Peer signing digest: (\S+)"),
                 "verify": grab(r"Verify return code: ([^\n]+)")}
+
+    def ob_connections(self, name, fail=False):
+        """The client and upstream connections of `name`'s outbound process (outbound.py)."""
+        if name == "direct":
+            return None
+        k = key(name, "outbound")
+        listen = self.ob_fail_ports[k] if fail else self.ports[k][0]
+        return ob_conf.connections(self.pids(name, "outbound"), listen,
+                                    self.ep_fail_port if fail else self.app_port)
+
+    def ob_metrics(self, name, upstream="orders-fail"):
+        """Sidecar's outbound counters for `upstream`; None for the other targets."""
+        if name != "sidecar":
+            return None
+        return ob_conf.sidecar_metrics(self.admin[key(name, "outbound")], upstream)
 
     def stop(self, name, via=None):
         p = self.proc.pop(key(name, via), None)
