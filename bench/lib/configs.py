@@ -149,8 +149,8 @@ backend app_l4
 """
 
 
-def haproxy_conf(d, port, h2port, app, tls=None, l4=None):
-    bind_tls = (f"\n  bind 127.0.0.1:{tls['port']} ssl crt {tls['pem']} alpn h2,http/1.1" if tls else "")
+def haproxy_head(d):
+    """What every HAProxy config shares: one thread, HTTP keep-alive both ways, long timeouts."""
     return f"""
 global
   nbthread 1
@@ -164,7 +164,12 @@ defaults
   timeout client 300s
   timeout server 300s
   timeout http-keep-alive 300s
-frontend web
+"""
+
+
+def haproxy_conf(d, port, h2port, app, tls=None, l4=None):
+    bind_tls = (f"\n  bind 127.0.0.1:{tls['port']} ssl crt {tls['pem']} alpn h2,http/1.1" if tls else "")
+    return haproxy_head(d) + f"""frontend web
   bind 127.0.0.1:{port}
   bind 127.0.0.1:{h2port} proto h2{bind_tls}
   # the forwarding headers Sidecar adds (HAProxy 2.6 has no `option forwarded` yet)

@@ -20,7 +20,7 @@ import socket
 import struct
 import urllib.request
 
-from configs import nginx_head
+from configs import haproxy_head, nginx_head
 
 ENDPOINT_IPS = ("127.0.0.21", "127.0.0.22", "127.0.0.23")
 FAILING_IP = ENDPOINT_IPS[2]
@@ -162,20 +162,7 @@ backend {name}
   option redispatch
   retry-on conn-failure empty-response 503
 {servers}"""
-    return f"""
-global
-  nbthread 1
-  maxconn 8000
-  pidfile {d}/haproxy.pid
-defaults
-  mode http
-  option http-keep-alive
-  http-reuse always
-  timeout connect 5s
-  timeout client 300s
-  timeout server 300s
-  timeout http-keep-alive 300s
-{pair("orders", port, app_port)}{pair("orders_fail", fail_port, ep_fail_port)}"""
+    return haproxy_head(d) + f"""{pair("orders", port, app_port)}{pair("orders_fail", fail_port, ep_fail_port)}"""
 
 
 # ---------------------------------------------------------------- readings
