@@ -35,7 +35,7 @@ use crate::proxy::body::RequestBody;
 use crate::proxy::body::Upstream as UpstreamBody;
 use crate::proxy::connect::PoolError;
 use crate::proxy::headers::to_absolute_form;
-use crate::proxy::pool::{EndpointKey, H1Conn, Pool, Proto, TlsKey};
+use crate::proxy::pool::{EndpointKey, H1Conn, Pool, Proto};
 use crate::tls::client::ClientTls;
 use http::uri::Scheme;
 
@@ -135,14 +135,7 @@ impl Upstream {
             let member = match current.iter().find(|m| m.addr == *addr) {
                 Some(m) => m.clone(),
                 None => {
-                    let tls = self.config.upstream.tls.as_ref().map(|t| TlsKey {
-                        server_name: t
-                            .server_name
-                            .as_deref()
-                            .unwrap_or(&self.config.upstream.endpoints[0].host)
-                            .into(),
-                        identity: t.identity.as_deref().map(Into::into),
-                    });
+                    let tls = self.tls.as_ref().map(|t| t.key().clone());
                     let key = |proto| EndpointKey { addr: Addr::Tcp(*addr), tls: tls.clone(), proto };
                     let endpoint = |proto| self.pool.endpoint_with(key(proto), self.tls.clone());
                     Member::new(*addr, endpoint(Proto::Http1), endpoint(Proto::Http2))
@@ -278,8 +271,7 @@ impl Upstream {
                 Err(source) => {
                     drop(in_flight);
                     member.observe_latency(FAILURE_PENALTY, ended);
-                    let kind = source.kind();
-                    self.metrics.connect_error(kind.strip_prefix("app_").unwrap_or(kind));
+                    self.metrics.connect_error(&source);
                     self.record(&member, true, ended);
                     let retry = cfg.retry.on.connect_failure && attempt < cfg.retry.attempts;
                     if !(retry && self.budget.withdraw(ended)) {
@@ -341,12 +333,7 @@ impl Upstream {
             Err(source) => {
                 // A failure answers fast, and must not look like a fast endpoint.
                 member.observe_latency(FAILURE_PENALTY, ended);
-                if let PoolError::Connect { .. } | PoolError::ConnectTimeout { .. } | PoolError::Tls { .. } =
-                    source
-                {
-                    let kind = source.kind();
-                    self.metrics.connect_error(kind.strip_prefix("app_").unwrap_or(kind));
-                }
+                self.metrics.connect_error(&source);
                 Err(CallError::Failed { upstream: self.name.clone(), source })
             }
         };

@@ -10,6 +10,8 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 
+use crate::proxy::connect::PoolError;
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct UpstreamLabels {
     upstream: String,
@@ -94,10 +96,14 @@ impl UpstreamMetrics {
         self.unresolved_now.store(unresolved, Ordering::Relaxed);
     }
 
-    /// A connection failed before anything was sent; `reason` as in the access log, less
-    /// its `upstream_` prefix.
-    pub fn connect_error(&self, reason: &'static str) {
-        self.connect_errors.get_or_create(&ReasonLabels { upstream: self.name.clone(), reason }).inc();
+    /// Counts `e` when it is a connection that failed before anything was sent (other
+    /// failures are the access log's); `reason` is its kind less the `app_` prefix.
+    pub fn connect_error(&self, e: &PoolError) {
+        if let PoolError::Connect { .. } | PoolError::ConnectTimeout { .. } | PoolError::Tls { .. } = e {
+            let kind = e.kind();
+            let reason = kind.strip_prefix("app_").unwrap_or(kind);
+            self.connect_errors.get_or_create(&ReasonLabels { upstream: self.name.clone(), reason }).inc();
+        }
     }
 
     /// Names whose last lookup failed, as last published.

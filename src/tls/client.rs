@@ -26,6 +26,7 @@ use super::PeerIdentity;
 use super::server::{TlsError, certs, check_validity, provider};
 use crate::config::UpstreamTls;
 use crate::files::FileWatcher;
+use crate::proxy::pool::TlsKey;
 
 /// As for server files: a cert and key replaced one after the other are one change.
 const SETTLE: Duration = Duration::from_millis(100);
@@ -54,6 +55,8 @@ pub struct ClientTls {
     files: UpstreamTls,
     alpn: Vec<Vec<u8>>,
     server_name: ServerName<'static>,
+    /// What a pooled connection made with this was checked against.
+    key: TlsKey,
     current: ArcSwap<ClientConfig>,
     _watching: oneshot::Sender<()>,
 }
@@ -74,12 +77,14 @@ impl ClientTls {
             path: PathBuf::from(name),
             reason: format!("not a server name: {e}"),
         })?;
+        let key = TlsKey { server_name: name.into(), identity: files.identity.as_deref().map(Into::into) };
         let (watching, dropped) = oneshot::channel();
         let tls = Arc::new(ClientTls {
             current: ArcSwap::from_pointee(build(files, &alpn)?),
             files: files.clone(),
             alpn,
             server_name,
+            key,
             _watching: watching,
         });
         let paths = [files.ca.as_ref(), files.cert.as_ref(), files.key.as_ref()];
@@ -88,8 +93,9 @@ impl ClientTls {
         Ok(tls)
     }
 
-    pub fn files(&self) -> &UpstreamTls {
-        &self.files
+    /// The server name and identity its connections are checked against (their pool key).
+    pub fn key(&self) -> &TlsKey {
+        &self.key
     }
 
     /// The connector with the current material, and the name to ask for.
