@@ -1,4 +1,5 @@
-//! The admin server: `/live`, `/ready`, `/metrics`, `/config`, `/log-level`, `/shutdown`.
+//! The admin server: the live page (`/` and its `/stats`), `/live`, `/ready`, `/metrics`,
+//! `/config`, `/log-level`, `/shutdown`.
 //!
 //! It runs on its own thread and single-threaded runtime, like ztunnel's: encoding metrics or
 //! the config is work the data plane's workers must never wait behind, and a stuck data plane
@@ -16,11 +17,17 @@ use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use tokio::sync::{mpsc, watch};
 
-use prometheus_client::registry::Registry;
-
 use crate::config::Config;
 use crate::readiness::Readiness;
-use crate::telemetry::{LogHandle, metrics};
+use crate::telemetry::metrics::{Exposition, Format};
+use crate::telemetry::{LogHandle, Tracer};
+
+mod stats;
+pub use stats::{Board, ErrorEntry};
+
+/// The live page: one self-contained file (inline CSS and script, no external assets) that
+/// polls `/stats`.
+const PAGE: &str = include_str!("admin/page.html");
 
 /// A `PUT /log-level` body larger than this is refused: a filter is a line of text.
 const MAX_FILTER_BYTES: usize = 4096;
@@ -29,8 +36,12 @@ const MAX_FILTER_BYTES: usize = 4096;
 #[derive(Clone)]
 pub struct AdminState {
     pub readiness: Arc<Readiness>,
-    /// Every family, registered by its module at start.
-    pub registry: Arc<Registry>,
+    /// Every family, registered by its module at start, and the process's.
+    pub metrics: Arc<Exposition>,
+    /// What is running and the last errors, for the live page.
+    pub board: Arc<Board>,
+    pub tracer: Tracer,
+    pub started: std::time::SystemTime,
     pub config: watch::Receiver<Arc<Config>>,
     pub log: Option<LogHandle>,
     /// `POST /shutdown` sends here; the process begins its drain.
@@ -104,6 +115,13 @@ async fn route(req: Request<Incoming>, state: &AdminState) -> Response<Full<Byte
     let path = req.uri().path();
     let method = req.method().clone();
     match (path, &method) {
+        ("/", &Method::GET | &Method::HEAD) => reply(StatusCode::OK, "text/html; charset=utf-8", PAGE),
+        ("/stats", &Method::GET) => {
+            let json = stats::render(&state.board, &state.readiness, &state.tracer, state.started);
+            let mut r = reply(StatusCode::OK, "application/json", json);
+            r.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+            r
+        }
         ("/live", &Method::GET | &Method::HEAD) => text(StatusCode::OK, "live\n"),
         ("/ready", &Method::GET | &Method::HEAD) => {
             let waiting = state.readiness.not_ready();
@@ -125,12 +143,12 @@ async fn route(req: Request<Incoming>, state: &AdminState) -> Response<Full<Byte
             let _ = state.shutdown.try_send(());
             text(StatusCode::OK, "draining\n")
         }
-        ("/live" | "/ready" | "/metrics" | "/config" | "/log-level" | "/shutdown", _) => {
+        ("/" | "/stats" | "/live" | "/ready" | "/metrics" | "/config" | "/log-level" | "/shutdown", _) => {
             text(StatusCode::METHOD_NOT_ALLOWED, format!("{method} is not allowed on {path}\n"))
         }
         _ => text(
             StatusCode::NOT_FOUND,
-            "not found; try /live, /ready, /metrics, /config, /log-level, /shutdown\n",
+            "not found; try /, /stats, /live, /ready, /metrics, /config, /log-level, /shutdown\n",
         ),
     }
 }
@@ -140,17 +158,15 @@ fn wants(req: &Request<Incoming>, needle: &str) -> bool {
 }
 
 fn metrics(req: &Request<Incoming>, state: &AdminState) -> Response<Full<Bytes>> {
-    let mut out = String::with_capacity(16 * 1024);
-    if let Err(e) = metrics::encode(&state.registry, &mut out) {
+    let (format, content_type) = if wants(req, "application/openmetrics-text") {
+        (Format::OpenMetrics, "application/openmetrics-text; version=1.0.0; charset=utf-8")
+    } else {
+        (Format::Prometheus, "text/plain; version=0.0.4; charset=utf-8")
+    };
+    let mut out = String::with_capacity(32 * 1024);
+    if let Err(e) = state.metrics.encode(format, &mut out) {
         return text(StatusCode::INTERNAL_SERVER_ERROR, format!("encoding metrics: {e}\n"));
     }
-    // prometheus-client writes OpenMetrics text; its `# EOF` is a comment to the classic
-    // text parser, so both content types can carry the same bytes.
-    let content_type = if wants(req, "application/openmetrics-text") {
-        "application/openmetrics-text; version=1.0.0; charset=utf-8"
-    } else {
-        "text/plain; version=0.0.4; charset=utf-8"
-    };
     reply(StatusCode::OK, content_type, out)
 }
 

@@ -12,14 +12,14 @@ use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::{mpsc, watch};
 
 use self::reload::{ReloadMetrics, Reloader};
-use crate::admin::{self, AdminState};
+use crate::admin::{self, AdminState, Board};
 use crate::config::Config;
 use crate::drain::Drain;
 use crate::files::FileWatcher;
 use crate::health;
-use crate::inbound::{Families, Inbound};
+use crate::inbound::{Families, Inbound, Recorders};
 use crate::readiness::Readiness;
-use crate::telemetry::{AccessLog, LogHandle, metrics};
+use crate::telemetry::{AccessLog, LogHandle, Tracer, metrics};
 
 /// How often watched files (the config, TLS material) are read and compared by digest.
 /// ConfigMap and Secret volumes update by swapping a symlink, which inotify on the file
@@ -37,6 +37,9 @@ pub enum Exit {
 
 /// The worker threads a config asks for: 0 means one per CPU this process may use
 /// (`available_parallelism` honours affinity masks and cgroup CPU quotas).
+/// Longest the exit waits for queued spans to reach the collector.
+const SPAN_FLUSH: std::time::Duration = std::time::Duration::from_secs(2);
+
 pub fn worker_threads(config: &Config) -> usize {
     match config.runtime.worker_threads {
         0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
@@ -64,12 +67,15 @@ pub fn run(config: Config, path: Option<PathBuf>, log: Option<LogHandle>) -> any
 
 async fn serve(config: Config, path: Option<PathBuf>, log: Option<LogHandle>) -> anyhow::Result<Exit> {
     // Each module registers its own families; the registry is read-only from here on.
+    let started = std::time::SystemTime::now();
     let mut registry = metrics::registry();
     let listener_metrics = Families::register(&mut registry);
     let app_ready_gauge = health::register_metrics(&mut registry);
     let reload_metrics = ReloadMetrics::register(&mut registry);
     let access_log = AccessLog::start(&config.telemetry.access_log, &mut registry)?;
-    let registry = Arc::new(registry);
+    let tracer = Tracer::start(config.telemetry.tracing.as_ref(), &mut registry)?;
+    let exposition = Arc::new(metrics::Exposition::new(Arc::new(registry), started));
+    let board = Arc::new(Board::default());
 
     let readiness = Readiness::new();
     let inbound_ready = readiness.register("inbound");
@@ -83,7 +89,10 @@ async fn serve(config: Config, path: Option<PathBuf>, log: Option<LogHandle>) ->
         config.admin.listen,
         AdminState {
             readiness: readiness.clone(),
-            registry,
+            metrics: exposition,
+            board: board.clone(),
+            tracer: tracer.clone(),
+            started,
             config: config_rx.clone(),
             log: log.clone(),
             shutdown: shutdown_tx,
@@ -91,7 +100,12 @@ async fn serve(config: Config, path: Option<PathBuf>, log: Option<LogHandle>) ->
     )?;
     tracing::info!(addr = %admin_addr, "admin server listening");
 
-    let mut inbound = Inbound::new(listener_metrics, access_log, files.clone(), drain_watch.clone());
+    let mut inbound = Inbound::new(
+        listener_metrics,
+        Recorders { access_log, tracer: tracer.clone(), board },
+        files.clone(),
+        drain_watch.clone(),
+    );
     inbound.apply(&config)?;
     inbound_ready.set(true);
     tokio::spawn(health::run(config_rx, app_ready, app_ready_gauge, drain_watch));
@@ -145,6 +159,10 @@ async fn serve(config: Config, path: Option<PathBuf>, log: Option<LogHandle>) ->
     };
     if exit == Exit::Forced {
         tracing::warn!(left = drain.remaining(), "second signal: exiting now");
+    } else {
+        // The spans of the requests the drain finished.
+        let flush = tracer.clone();
+        let _ = tokio::task::spawn_blocking(move || flush.shutdown(SPAN_FLUSH)).await;
     }
     Ok(exit)
 }

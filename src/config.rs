@@ -29,7 +29,7 @@ pub use outbound::{
 pub use parse::parse_socket_addr;
 pub use runtime::RuntimeConfig;
 pub use shutdown::ShutdownConfig;
-pub use telemetry::{AccessLogConfig, AccessLogPath, LogFormat, TelemetryConfig};
+pub use telemetry::{AccessLogConfig, AccessLogPath, LogFormat, TelemetryConfig, TracingConfig};
 
 use parse::Ctx;
 
@@ -350,7 +350,7 @@ shutdown: { drain_timeout: 5 }
     /// A file written for a later build must fail here, each unbuilt section with its own
     /// message at its own path, and nothing else reported.
     #[test]
-    fn not_yet_built_sections_are_refused_each_at_its_own_path() {
+    fn unbuilt_sections_and_bad_values_are_refused_each_at_its_own_path() {
         for (section, path, message) in [
             (
                 "logship: { sources: [] }",
@@ -358,9 +358,14 @@ shutdown: { drain_timeout: 5 }
                 "log shipping is not in this build yet; remove `logship`",
             ),
             (
-                "telemetry: { tracing: { otlp_endpoint: \"http://127.0.0.1:4318\" } }",
-                "telemetry.tracing",
-                "OTLP tracing is not in this build yet; remove `telemetry.tracing`",
+                "telemetry: { tracing: { otlp_endpoint: \"grpc://collector:4317\" } }",
+                "telemetry.tracing.otlp_endpoint",
+                "`grpc://collector:4317` is not an http:// URL",
+            ),
+            (
+                "telemetry: { tracing: { sample_ratio: 1.5 } }",
+                "telemetry.tracing.sample_ratio",
+                "1.5 is not between 0 and 1",
             ),
         ] {
             let err = parse_str(&format!("{SMALLEST}{section}\n")).unwrap_err();

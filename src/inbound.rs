@@ -29,13 +29,14 @@ use tracing::Instrument as _;
 pub use self::limit::ConnLimit;
 pub use self::metrics::Direction;
 pub use self::metrics::{InboundMetrics, ListenerMetrics, Reject};
+use crate::admin::Board;
 use crate::config::{Config, HttpVersion, InboundConfig, InboundTls, OutboundConfig, Protocol};
 use crate::drain::DrainWatch;
 use crate::files::FileWatcher;
 use crate::outbound::route::{Route, Routes};
 use crate::outbound::{OutboundFamilies, Upstream, discovery};
 use crate::proxy::pool::{Endpoint, EndpointKey, Pool, Proto};
-use crate::telemetry::AccessLog;
+use crate::telemetry::{AccessLog, Tracer};
 use crate::tls::ServerTls;
 use crate::tls::client::ClientTls;
 
@@ -69,6 +70,14 @@ impl Families {
     }
 }
 
+/// What every request reports to besides its listener's metrics.
+#[derive(Clone)]
+pub struct Recorders {
+    pub access_log: AccessLog,
+    pub tracer: Tracer,
+    pub board: Arc<Board>,
+}
+
 /// Everything a new connection on one listener needs; replaced whole on reload, so open
 /// connections keep the settings they started with.
 pub struct ListenerCtx {
@@ -79,6 +88,10 @@ pub struct ListenerCtx {
     pub app_h1: Arc<Endpoint>,
     pub app_h2: Arc<Endpoint>,
     pub access_log: AccessLog,
+    /// Trace context and span export (off without `telemetry.tracing`).
+    pub tracer: Tracer,
+    /// The admin page's view: failed requests are noted there.
+    pub board: Arc<Board>,
     /// TLS termination, when configured; rotated in place when its files change.
     pub tls: Option<Arc<ServerTls>>,
     /// Outbound listeners: the upstreams requests go to instead of the app.
@@ -97,7 +110,7 @@ struct Running {
 /// The set of running inbound listeners.
 pub struct Inbound {
     families: Families,
-    access_log: AccessLog,
+    recorders: Recorders,
     drain: DrainWatch,
     running: HashMap<SocketAddr, Running>,
     pool: Arc<Pool>,
@@ -112,12 +125,12 @@ pub struct Inbound {
 }
 
 impl Inbound {
-    pub fn new(families: Families, access_log: AccessLog, files: FileWatcher, drain: DrainWatch) -> Self {
+    pub fn new(families: Families, recorders: Recorders, files: FileWatcher, drain: DrainWatch) -> Self {
         let pool = Pool::new();
         tokio::spawn(Pool::reap(Arc::downgrade(&pool), drain.clone()));
         Inbound {
             families,
-            access_log,
+            recorders,
             drain,
             running: HashMap::new(),
             pool,
@@ -208,7 +221,17 @@ impl Inbound {
             })
             .collect();
         self.metrics.retain(|name, _| names.contains(&name.as_str()));
+        self.publish();
         Ok(())
+    }
+
+    /// Shows the admin page what runs now: listeners inbound first, each side by name.
+    fn publish(&self) {
+        let mut listeners: Vec<_> = self.metrics.values().cloned().collect();
+        listeners.sort_by(|a, b| (a.direction(), &a.name).cmp(&(b.direction(), &b.name)));
+        let mut upstreams: Vec<_> = self.upstreams.values().cloned().collect();
+        upstreams.sort_by(|a, b| a.name.cmp(&b.name));
+        self.recorders.board.publish(listeners, upstreams);
     }
 
     /// The running upstream for `o` when its config is unchanged, else a new one, with
@@ -299,7 +322,9 @@ impl Inbound {
             metrics,
             app_h1: endpoint(Proto::Http1),
             app_h2: endpoint(Proto::Http2),
-            access_log: self.access_log.clone(),
+            access_log: self.recorders.access_log.clone(),
+            tracer: self.recorders.tracer.clone(),
+            board: self.recorders.board.clone(),
             tls: self.tls.get(&l.listen).cloned(),
             routes,
             http: http::Builders::new(&l.limits),

@@ -66,6 +66,16 @@ pub enum CallError {
 }
 
 /// One outbound listener's upstream: its endpoints, their state, and the call logic.
+/// One endpoint as the admin page shows it.
+#[derive(serde::Serialize)]
+pub struct EndpointState {
+    pub address: String,
+    /// `healthy`, `ejected` or `draining`.
+    pub state: &'static str,
+    pub ewma_ms: f64,
+    pub outstanding: usize,
+}
+
 pub struct Upstream {
     pub name: Arc<str>,
     config: OutboundConfig,
@@ -161,6 +171,35 @@ impl Upstream {
         self.ready.send_replace(true);
         self.resolved.store(true, Ordering::Release);
         self.update_gauges(unresolved);
+    }
+
+    /// Each endpoint's state, for the admin page.
+    pub fn endpoint_states(&self) -> Vec<EndpointState> {
+        let now = self.ms(Instant::now());
+        let state = |m: &Member, state| EndpointState {
+            address: m.addr.to_string(),
+            state,
+            ewma_ms: m.ewma().as_secs_f64() * 1e3,
+            outstanding: m.outstanding(),
+        };
+        let mut out: Vec<_> = self
+            .members
+            .load()
+            .iter()
+            .map(|m| state(m, if m.is_ejected(now) { "ejected" } else { "healthy" }))
+            .collect();
+        let draining = self.draining.lock().unwrap_or_else(|p| p.into_inner());
+        out.extend(draining.iter().map(|m| state(m, "draining")));
+        out
+    }
+
+    pub fn retries(&self) -> u64 {
+        self.metrics.retries.get()
+    }
+
+    /// The last lookup failed (the last good set is still used).
+    pub fn unresolved(&self) -> bool {
+        self.metrics.unresolved() > 0
     }
 
     fn update_gauges(&self, unresolved: usize) {

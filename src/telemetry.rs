@@ -1,12 +1,17 @@
-//! Telemetry: the metrics registry, the process's own logs, and the access-log writer.
+//! Telemetry: the metrics registry, the process's own logs, the access-log writer, and
+//! trace context with span export.
 //!
-//! Nothing here is awaited by the data plane: metrics are atomics, the access log is a
-//! bounded channel that drops (and counts) rather than blocks.
+//! Nothing here is awaited by the data plane: metrics are atomics, the access log and span
+//! export are bounded queues that drop (and count) rather than block.
 
 pub mod access_log;
+pub mod context;
 pub mod logging;
 pub mod metrics;
+pub mod process;
+pub mod spans;
 
 pub use access_log::{AccessLog, AccessRecord};
 pub use logging::LogHandle;
 pub use metrics::LatencyHistogram;
+pub use spans::Tracer;

@@ -127,6 +127,7 @@ fn warn_restart_needed(old: &Config, new: &Config, path: &Path) {
         ("runtime.worker_threads", old.runtime != new.runtime),
         ("telemetry.access_log", old.telemetry.access_log != new.telemetry.access_log),
         ("telemetry.log_format", old.telemetry.log_format != new.telemetry.log_format),
+        ("telemetry.tracing", old.telemetry.tracing != new.telemetry.tracing),
     ];
     for (field, differs) in fixed {
         if differs {

@@ -29,6 +29,7 @@ use super::io::{DetectError, Detected, ServerIo, detect};
 use super::metrics::{Direction, Reject};
 use super::sticky::Sticky;
 use super::supervise::{Ended, supervise};
+use crate::admin::ErrorEntry;
 use crate::config::{HttpVersion, Limits};
 use crate::drain::DrainWatch;
 use crate::outbound::route::{self, Route};
@@ -40,7 +41,9 @@ use crate::proxy::headers::{
 };
 use crate::proxy::pool::{H1Conn, Proto};
 use crate::proxy::{H2_CONNECTION_WINDOW, H2_MAX_SEND_BUF, H2_STREAM_WINDOW};
-use crate::telemetry::access_log::{AccessRecord, trace_id};
+use crate::telemetry::access_log::AccessRecord;
+use crate::telemetry::context::{Incoming as TraceIncoming, SpanContext, caller_trace_id};
+use crate::telemetry::spans::SpanRecord;
 use crate::tls::PeerIdentity;
 
 type Body = ResponseBody<RequestEnd>;
@@ -237,8 +240,8 @@ fn classify(e: &hyper::Error, state: &ConnState) -> Option<Reject> {
     None
 }
 
-/// The end of one request: metrics, the access-log record, the app connection returned.
-/// Runs when the response body ends or is dropped, so durations include the body.
+/// The end of one request: metrics, the access-log record, the span, the app connection
+/// returned. Runs when the response body ends or is dropped, so durations include the body.
 struct RequestEnd {
     conn: Arc<Conn>,
     /// The listener's, or on a listener shared by upstreams, the chosen upstream's.
@@ -252,23 +255,42 @@ struct RequestEnd {
     trace_id: Option<Box<str>>,
     error: Option<&'static str>,
     req_stats: Option<Arc<BodyStats>>,
+    /// With tracing on: the sidecar's span, and what the caller sent.
+    span: Option<(SpanContext, TraceIncoming)>,
+    /// A sampled span's `Host` and `User-Agent`, read before the request is rewritten.
+    span_headers: Option<(Option<HeaderValue>, Option<HeaderValue>)>,
 }
 
 impl RequestEnd {
     fn new(req: &Request<Incoming>, conn: &Arc<Conn>) -> Self {
-        let logging = conn.listener.access_log.enabled();
+        let l = &conn.listener;
+        let span = l.tracer.start_span(req.headers());
+        let sampled = span.is_some_and(|(s, _)| s.sampled);
+        let logging = l.access_log.enabled();
+        let trace_id = match &span {
+            Some((s, _)) if logging => Some(s.trace_id_hex()),
+            None if logging => caller_trace_id(req.headers()),
+            _ => None,
+        };
+        let recording = logging || sampled;
+        let h = req.headers();
+        let authority = || req.uri().authority().and_then(|a| HeaderValue::from_str(a.as_str()).ok());
         RequestEnd {
             conn: conn.clone(),
-            metrics: conn.listener.metrics.clone(),
+            metrics: l.metrics.clone(),
             start: Instant::now(),
-            wall: if logging { SystemTime::now() } else { SystemTime::UNIX_EPOCH },
+            wall: if recording { SystemTime::now() } else { SystemTime::UNIX_EPOCH },
             method: req.method().clone(),
-            uri: logging.then(|| req.uri().clone()),
+            uri: recording.then(|| req.uri().clone()),
             version: req.version(),
             status: 0,
-            trace_id: if logging { trace_id(req.headers().get("traceparent")) } else { None },
+            trace_id,
             error: None,
             req_stats: None,
+            span,
+            span_headers: sampled.then(|| {
+                (h.get(header::HOST).cloned().or_else(authority), h.get(header::USER_AGENT).cloned())
+            }),
         }
     }
 }
@@ -283,27 +305,51 @@ impl OnEnd for RequestEnd {
         if let Some(app_conn) = reusable {
             conn.sticky.keep(app_conn);
         }
-        let access_log = &conn.listener.access_log;
-        if access_log.enabled() {
-            let direction = self.metrics.direction();
-            access_log.log(AccessRecord {
-                start: self.wall,
+        let l = &conn.listener;
+        let direction = self.metrics.direction();
+        let error = self.error.or((!complete).then_some("response_incomplete"));
+        if let Some(error) = error {
+            l.board.error(ErrorEntry {
+                ts: SystemTime::now(),
                 direction: direction.as_str(),
-                upstream: (direction == Direction::Outbound).then(|| self.metrics.name.clone()),
-                listener: conn.listener.metrics.name.clone(),
-                method: self.method,
-                uri: self.uri.unwrap_or_default(),
-                version: self.version,
+                listener: self.metrics.name.clone(),
+                method: self.method.to_string(),
+                path: self.uri.as_ref().map_or_else(String::new, |u| u.path().to_owned()),
                 status: self.status,
-                duration: elapsed,
-                bytes_in: self.req_stats.map_or(0, |s| s.bytes.load(Ordering::Relaxed)),
-                bytes_out,
-                peer: conn.peer,
-                peer_identity: conn.identity.as_ref().map(|i| i.id.clone()),
-                trace_id: self.trace_id,
-                error: self.error.or((!complete).then_some("response_incomplete")),
+                error,
             });
         }
+        let sampled = self.span.filter(|(s, _)| s.sampled).map(|(s, _)| s);
+        if !l.access_log.enabled() && sampled.is_none() {
+            return;
+        }
+        let record = AccessRecord {
+            start: self.wall,
+            direction: direction.as_str(),
+            upstream: (direction == Direction::Outbound).then(|| self.metrics.name.clone()),
+            listener: l.metrics.name.clone(),
+            method: self.method,
+            uri: self.uri.unwrap_or_default(),
+            version: self.version,
+            status: self.status,
+            duration: elapsed,
+            bytes_in: self.req_stats.map_or(0, |s| s.bytes.load(Ordering::Relaxed)),
+            bytes_out,
+            peer: conn.peer,
+            peer_identity: conn.identity.as_ref().map(|i| i.id.clone()),
+            trace_id: self.trace_id,
+            error,
+        };
+        if let Some(ctx) = sampled {
+            let (host, user_agent) = self.span_headers.unwrap_or_default();
+            let tls = l.tls.is_some();
+            let span = |request| SpanRecord { ctx, request, host, user_agent, tls };
+            if !l.access_log.enabled() {
+                return l.tracer.record(span(record));
+            }
+            l.tracer.record(span(record.clone()));
+        }
+        l.access_log.log(record);
     }
 }
 
@@ -374,6 +420,9 @@ async fn prepare(
 
     let (mut parts, body) = req.into_parts();
     sanitize_request(&mut parts.headers, upgrade);
+    if let Some((span, incoming)) = &end.span {
+        span.propagate(*incoming, &mut parts.headers);
+    }
     if let Some(routes) = &l.routes {
         // The app's own call: no forwarding headers (the peer is the app itself).
         let route = routes.pick(&parts).map_err(|host| {

@@ -14,7 +14,7 @@ use crate::telemetry::metrics::LatencyHistogram;
 
 /// The label naming a listener: `listener` inbound, `upstream` outbound (the contract's
 /// names: an outbound listener carries calls to the upstream of the same name).
-#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Direction {
     Inbound,
     Outbound,
@@ -242,6 +242,7 @@ impl InboundMetrics {
             by_status: std::array::from_fn(|_| OnceLock::new()),
             rejected,
             handshakes: OnceLock::new(),
+            cert_expiry: OnceLock::new(),
             families: self.clone(),
         })
     }
@@ -257,6 +258,7 @@ pub struct ListenerMetrics {
     rejected: [Counter; Reject::ALL.len()],
     /// Filled when the listener gets TLS (`tls_enabled`).
     handshakes: OnceLock<[Counter; Handshake::ALL.len()]>,
+    cert_expiry: OnceLock<Gauge>,
     families: InboundMetrics,
 }
 
@@ -290,7 +292,30 @@ impl ListenerMetrics {
                 self.families.handshakes.get_or_create(&self.labels().with("result", h.as_str())).clone()
             })
         });
-        self.families.cert_expiry.get_or_create(&self.labels()).clone()
+        self.cert_expiry
+            .get_or_init(|| self.families.cert_expiry.get_or_create(&self.labels()).clone())
+            .clone()
+    }
+
+    /// The serving certificate's expiry gauge, on a TLS listener.
+    pub fn cert_expiry(&self) -> Option<&Gauge> {
+        self.cert_expiry.get()
+    }
+
+    /// Requests answered so far by status class: 1xx to 5xx.
+    pub fn requests_by_class(&self) -> [u64; 5] {
+        let mut out = [0; 5];
+        for (i, slot) in self.by_status.iter().enumerate() {
+            if let Some(c) = slot.get() {
+                out[i / 100] += c.get();
+            }
+        }
+        out
+    }
+
+    /// Connections and requests refused so far, every reason.
+    pub fn rejected_total(&self) -> u64 {
+        self.rejected.iter().map(|c| c.get()).sum()
     }
 
     /// A TLS handshake ended: `success`, or why not.

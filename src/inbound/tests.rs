@@ -26,7 +26,9 @@ fn inbound() -> (Inbound, Drain) {
     let access_log = AccessLog::start(&off, &mut registry).unwrap();
     let files = FileWatcher::start(Duration::from_millis(50)).unwrap();
     let (drain, watch) = Drain::new();
-    (Inbound::new(families, access_log, files, watch), drain)
+    let tracer = crate::telemetry::Tracer::start(None, &mut registry).unwrap();
+    let recorders = super::Recorders { access_log, tracer, board: Default::default() };
+    (Inbound::new(families, recorders, files, watch), drain)
 }
 
 fn temp_dir(name: &str) -> PathBuf {

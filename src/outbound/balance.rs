@@ -68,6 +68,11 @@ impl Member {
         self.outstanding.load(Ordering::Relaxed)
     }
 
+    /// The latency estimate the balancer uses.
+    pub fn ewma(&self) -> Duration {
+        Duration::from_nanos(self.ewma.lock().unwrap_or_else(|p| p.into_inner()).nanos as u64)
+    }
+
     pub fn is_ejected(&self, now_ms: u64) -> bool {
         self.ejected_until.load(Ordering::Relaxed) > now_ms
     }

@@ -1,4 +1,4 @@
-//! The access log: one JSON object a line, written by its own thread.
+//! The access log: one JSON object (or a human's text line) a line, written by its own thread.
 //!
 //! The request path hands a small record to a bounded channel and never waits, because a proxy
 //! that stalls on its log stalls every request. Every record that does not reach the
@@ -17,11 +17,12 @@ use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::registry::Registry;
-use serde::Serialize;
 use tokio::sync::mpsc;
 use tokio::sync::mpsc::error::TrySendError;
 
-use crate::config::{AccessLogConfig, AccessLogPath};
+use crate::config::{AccessLogConfig, AccessLogPath, LogFormat};
+
+mod format;
 
 /// Records waiting for the writer. At 100k req/s this is 160 ms of traffic: room for a
 /// scheduling hiccup, small enough (about 2 MiB) not to matter for memory.
@@ -33,6 +34,7 @@ const QUEUE: usize = 16 * 1024;
 const BATCH: usize = 64 * 1024;
 
 /// What the request path knows about one finished request.
+#[derive(Clone)]
 pub struct AccessRecord {
     pub start: SystemTime,
     pub direction: &'static str,
@@ -50,25 +52,6 @@ pub struct AccessRecord {
     pub error: Option<&'static str>,
     /// Outbound: the upstream the call went to.
     pub upstream: Option<Arc<str>>,
-}
-
-#[derive(Serialize)]
-struct Line<'a> {
-    ts: String,
-    direction: &'a str,
-    listener: &'a str,
-    method: &'a str,
-    path: &'a str,
-    protocol: &'a str,
-    status: u16,
-    duration_ms: f64,
-    bytes_in: u64,
-    bytes_out: u64,
-    peer: String,
-    peer_identity: Option<&'a str>,
-    trace_id: Option<&'a str>,
-    upstream: Option<&'a str>,
-    error: Option<&'a str>,
 }
 
 /// The labels of `sidecar_access_log_dropped_total`.
@@ -91,6 +74,7 @@ pub struct AccessLog {
 /// attempt, and what did not reach the destination counted.
 struct Writer<W> {
     out: W,
+    format: LogFormat,
     /// Where the lines go, for the operator: `stdout` or the file's path.
     dest: String,
     batch: Vec<u8>,
@@ -133,7 +117,7 @@ impl AccessLog {
                 (dest, Box::new(file))
             }
         };
-        let writer = Writer::new(out, dest, write_error.clone());
+        let writer = Writer::new(out, config.format, dest, write_error.clone());
         let (tx, rx) = mpsc::channel(QUEUE);
         std::thread::Builder::new()
             .name("access-log".into())
@@ -191,9 +175,10 @@ fn write_loop<W: Write>(mut rx: mpsc::Receiver<AccessRecord>, mut writer: Writer
 }
 
 impl<W: Write> Writer<W> {
-    fn new(out: W, dest: String, lost: Counter) -> Self {
+    fn new(out: W, format: LogFormat, dest: String, lost: Counter) -> Self {
         Writer {
             out,
+            format,
             dest,
             batch: Vec::with_capacity(BATCH + 4096),
             ends: Vec::new(),
@@ -208,7 +193,11 @@ impl<W: Write> Writer<W> {
             self.batch.push(b'\n');
         }
         let start = self.batch.len();
-        if write_record(&mut self.batch, record).is_err() {
+        let written = match self.format {
+            LogFormat::Json => format::json(&mut self.batch, record),
+            LogFormat::Text => format::text(&mut self.batch, record),
+        };
+        if written.is_err() {
             // Formatting into memory cannot fail for these plain fields; were it to, the
             // record is lost all the same, and counted.
             self.batch.truncate(start);
@@ -287,57 +276,11 @@ fn write_counted(out: &mut impl Write, mut buf: &[u8]) -> (usize, io::Result<()>
     (written, Ok(()))
 }
 
-fn write_record(out: &mut impl Write, r: &AccessRecord) -> std::io::Result<()> {
-    let path = r.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
-    let line = Line {
-        ts: humantime::format_rfc3339_millis(r.start).to_string(),
-        direction: r.direction,
-        listener: &r.listener,
-        method: r.method.as_str(),
-        path,
-        protocol: version_str(r.version),
-        status: r.status,
-        duration_ms: (r.duration.as_micros() as f64) / 1000.0,
-        bytes_in: r.bytes_in,
-        bytes_out: r.bytes_out,
-        peer: r.peer.to_string(),
-        peer_identity: r.peer_identity.as_deref(),
-        trace_id: r.trace_id.as_deref(),
-        upstream: r.upstream.as_deref(),
-        error: r.error,
-    };
-    serde_json::to_writer(&mut *out, &line)?;
-    out.write_all(b"\n")
-}
-
-fn version_str(v: Version) -> &'static str {
-    match v {
-        Version::HTTP_09 => "HTTP/0.9",
-        Version::HTTP_10 => "HTTP/1.0",
-        Version::HTTP_11 => "HTTP/1.1",
-        Version::HTTP_2 => "HTTP/2",
-        Version::HTTP_3 => "HTTP/3",
-        _ => "HTTP/?",
-    }
-}
-
-/// The trace id of a W3C `traceparent` header (`00-<32 hex>-<16 hex>-<2 hex>`), if well formed.
-pub fn trace_id(traceparent: Option<&http::HeaderValue>) -> Option<Box<str>> {
-    let v = traceparent?.to_str().ok()?;
-    let mut parts = v.split('-');
-    let _version = parts.next().filter(|p| p.len() == 2)?;
-    let id = parts.next().filter(|p| p.len() == 32 && p.bytes().all(|b| b.is_ascii_hexdigit()))?;
-    if id.bytes().all(|b| b == b'0') {
-        return None;
-    }
-    Some(id.to_ascii_lowercase().into_boxed_str())
-}
-
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
 
-    fn record() -> AccessRecord {
+    pub(in crate::telemetry::access_log) fn record() -> AccessRecord {
         AccessRecord {
             start: SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000),
             direction: "inbound",
@@ -437,7 +380,7 @@ mod tests {
     fn write_errors_are_counted_once_and_the_writer_recovers() {
         let mut registry = Registry::with_prefix("sidecar");
         let (queue_full, write_error) = register(&mut registry);
-        let mut w = Writer::new(Flaky::default(), "test".into(), write_error.clone());
+        let mut w = Writer::new(Flaky::default(), LogFormat::Json, "test".into(), write_error.clone());
 
         batch(&mut w, 2);
         assert_eq!(write_error.get(), 0);
@@ -470,9 +413,9 @@ mod tests {
     #[test]
     fn a_short_write_counts_only_the_records_it_did_not_deliver() {
         let lost = Counter::default();
-        let mut w = Writer::new(Flaky::default(), "test".into(), lost.clone());
+        let mut w = Writer::new(Flaky::default(), LogFormat::Json, "test".into(), lost.clone());
         let mut one = Vec::new();
-        write_record(&mut one, &record()).unwrap();
+        format::json(&mut one, &record()).unwrap();
 
         // The first record and part of the second go out, then the disk is full.
         w.out.accept = Some(one.len() + 10);
@@ -492,28 +435,5 @@ mod tests {
         for line in [lines[0], lines[2]] {
             serde_json::from_str::<serde_json::Value>(line).unwrap();
         }
-    }
-
-    #[test]
-    fn record_is_one_json_line_with_the_public_fields() {
-        let rec = record();
-        let mut out = Vec::new();
-        write_record(&mut out, &rec).unwrap();
-        let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
-        assert_eq!(v["ts"], "2023-11-14T22:13:20.000Z");
-        assert_eq!(v["path"], "/a?b=1");
-        assert_eq!(v["protocol"], "HTTP/1.1");
-        assert_eq!(v["duration_ms"], 1.5);
-        assert!(v["peer_identity"].is_null());
-        assert!(out.ends_with(b"\n"));
-    }
-
-    #[test]
-    fn traceparent_parsing() {
-        let ok = http::HeaderValue::from_static("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01");
-        assert_eq!(trace_id(Some(&ok)).as_deref(), Some("4bf92f3577b34da6a3ce929d0e0e4736"));
-        let zero = http::HeaderValue::from_static("00-00000000000000000000000000000000-00f067aa0ba902b7-01");
-        assert_eq!(trace_id(Some(&zero)), None);
-        assert_eq!(trace_id(Some(&http::HeaderValue::from_static("garbage"))), None);
     }
 }
