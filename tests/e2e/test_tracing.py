@@ -137,7 +137,7 @@ def test_errors_are_marked_on_the_span(http_app, start_sidecar, receiver):
     http_app.stop()
     assert http_request(sc.port("web"), "/gone").status == 502
     (span,) = [s for s in receiver.wait_spans(3) if s.attrs.get("url.path") == "/gone"]
-    assert span.attrs["error.type"] == "app_connect_failed", span.attrs
+    assert span.attrs["error.type"] == "app_connection_refused", span.attrs
 
 
 def test_outbound_calls_get_a_client_span(start_sidecar, receiver, log_dir):
