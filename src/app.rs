@@ -74,7 +74,8 @@ async fn serve(config: Config, path: Option<PathBuf>, log: Option<LogHandle>) ->
     let reload_metrics = ReloadMetrics::register(&mut registry);
     let access_log = AccessLog::start(&config.telemetry.access_log, &mut registry)?;
     let tracer = Tracer::start(config.telemetry.tracing.as_ref(), &mut registry)?;
-    let exposition = Arc::new(metrics::Exposition::new(Arc::new(registry), started));
+    let histograms = listener_metrics.histograms();
+    let exposition = Arc::new(metrics::Exposition::new(Arc::new(registry), histograms, started));
     let board = Arc::new(Board::default());
 
     let readiness = Readiness::new();

@@ -151,6 +151,8 @@ pub fn banner(addrs: &DemoAddrs) -> String {
         "
 Sidecar demo: a sidecar on {listen} in front of a demo app on {app}.
 
+Open {admin}/ in a browser: the live page (rates, errors, latency, endpoints, certificates).
+
 Try these (the access log appears below, one JSON line per request):
   curl -i {base}/
   curl -i --http2-prior-knowledge {base}/
@@ -160,6 +162,9 @@ Try these (the access log appears below, one JSON line per request):
   curl -i -X POST --data 'hello sidecar' {base}/echo
   curl -i {base}/slow?ms=1500
   curl -i {base}/status/503
+  curl -s -H 'traceparent: 00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01' {base}/headers
+                                 (the app sees the sidecar's span as its parent; trace_id in the log)
+  curl -s {admin}/stats
   curl -s {admin}/metrics | grep sidecar_inbound_requests_total
   curl -s {admin}/ready
   curl -s {admin}/config
@@ -240,6 +245,15 @@ async fn app(mut req: Request<Incoming>) -> Response<AppBody> {
             full(StatusCode::OK, "application/json", format!("{body}\n"))
         }
         "/healthz" => full(StatusCode::OK, "text/plain", "ok\n"),
+        "/headers" => {
+            // What reached the app: the forwarding and trace headers the sidecar set.
+            let headers: serde_json::Map<_, _> = req
+                .headers()
+                .iter()
+                .map(|(k, v)| (k.to_string(), String::from_utf8_lossy(v.as_bytes()).into()))
+                .collect();
+            full(StatusCode::OK, "application/json", format!("{}\n", serde_json::Value::Object(headers)))
+        }
         "/slow" => {
             let ms = query_u64(&req, "ms").unwrap_or(2000).min(60_000);
             tokio::time::sleep(Duration::from_millis(ms)).await;
@@ -265,7 +279,7 @@ async fn app(mut req: Request<Incoming>) -> Response<AppBody> {
         _ => full(
             StatusCode::NOT_FOUND,
             "text/plain",
-            "demo app: try /, /echo, /slow?ms=N, /status/N, /ws, /healthz\n",
+            "demo app: try /, /headers, /echo, /slow?ms=N, /status/N, /ws, /healthz\n",
         ),
     }
 }

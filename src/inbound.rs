@@ -68,6 +68,11 @@ impl Families {
             upstreams: OutboundFamilies::register(registry),
         }
     }
+
+    /// The latency families, which the exposition writes beside the registry.
+    pub fn histograms(&self) -> Vec<Arc<crate::telemetry::histogram::HistogramFamily>> {
+        vec![self.inbound.histograms(), self.outbound.histograms()]
+    }
 }
 
 /// What every request reports to besides its listener's metrics.

@@ -6,12 +6,13 @@
 
 pub mod access_log;
 pub mod context;
+pub mod histogram;
 pub mod logging;
 pub mod metrics;
 pub mod process;
 pub mod spans;
 
 pub use access_log::{AccessLog, AccessRecord};
+pub use histogram::LatencyHistogram;
 pub use logging::LogHandle;
-pub use metrics::LatencyHistogram;
 pub use spans::Tracer;

@@ -16,7 +16,7 @@ use crate::inbound::ListenerMetrics;
 use crate::outbound::{EndpointState, Upstream};
 use crate::readiness::Readiness;
 use crate::telemetry::Tracer;
-use crate::telemetry::metrics::{HistogramSnapshot, LATENCY_BUCKETS};
+use crate::telemetry::histogram::{HistogramSnapshot, LATENCY_BUCKETS};
 
 /// Errors the page lists, newest first.
 const RECENT_ERRORS: usize = 20;

@@ -299,7 +299,8 @@ impl OnEnd for RequestEnd {
     fn on_end(self, bytes_out: u64, complete: bool, reusable: Option<H1Conn>) {
         let conn = &self.conn;
         let elapsed = self.start.elapsed();
-        self.metrics.request(self.status, elapsed);
+        let sampled = self.span.filter(|(s, _)| s.sampled).map(|(s, _)| s);
+        self.metrics.request(self.status, elapsed, sampled.map(|s| s.trace_id));
         // Given only when both bodies went through whole and the app keeps it open;
         // otherwise it was dropped, which closed it.
         if let Some(app_conn) = reusable {
@@ -319,7 +320,6 @@ impl OnEnd for RequestEnd {
                 error,
             });
         }
-        let sampled = self.span.filter(|(s, _)| s.sampled).map(|(s, _)| s);
         if !l.access_log.enabled() && sampled.is_none() {
             return;
         }

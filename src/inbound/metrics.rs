@@ -10,7 +10,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 
-use crate::telemetry::metrics::LatencyHistogram;
+use crate::telemetry::histogram::{HistogramFamily, LatencyHistogram};
 
 /// The label naming a listener: `listener` inbound, `upstream` outbound (the contract's
 /// names: an outbound listener carries calls to the upstream of the same name).
@@ -171,7 +171,7 @@ impl Handshake {
 pub struct InboundMetrics {
     direction: Direction,
     requests: Family<Labels, Counter>,
-    duration: Family<Labels, LatencyHistogram>,
+    duration: Arc<HistogramFamily>,
     open: Family<Labels, Gauge>,
     rejected: Family<Labels, Counter>,
     handshakes: Family<Labels, Counter>,
@@ -179,6 +179,11 @@ pub struct InboundMetrics {
 }
 
 impl InboundMetrics {
+    /// The latency family, which the exposition writes beside the registry.
+    pub fn histograms(&self) -> Arc<HistogramFamily> {
+        self.duration.clone()
+    }
+
     /// The inbound families: `sidecar_inbound_*` and the TLS ones.
     pub fn register(registry: &mut Registry) -> Self {
         Self::register_direction(registry, Direction::Inbound)
@@ -190,7 +195,10 @@ impl InboundMetrics {
         let m = InboundMetrics {
             direction,
             requests: Family::default(),
-            duration: Family::default(),
+            duration: HistogramFamily::new(
+                format!("sidecar_{}_request_duration_seconds", direction.as_str()),
+                "Time from request head to the end of the response body",
+            ),
             open: Family::default(),
             rejected: Family::default(),
             handshakes: Family::default(),
@@ -202,11 +210,6 @@ impl InboundMetrics {
             name("requests"),
             format!("Requests answered on an {d} listener"),
             m.requests.clone(),
-        );
-        registry.register(
-            name("request_duration_seconds"),
-            "Time from request head to the end of the response body",
-            m.duration.clone(),
         );
         registry.register(name("connections_open"), format!("Open {d} connections"), m.open.clone());
         registry.register(
@@ -237,7 +240,7 @@ impl InboundMetrics {
             .map(|r| self.rejected.get_or_create(&labels.clone().with("reason", r.as_str())).clone());
         Arc::new(ListenerMetrics {
             name: name.into(),
-            duration: self.duration.get_or_create(&labels).clone(),
+            duration: self.duration.get_or_create(vec![(self.direction.key(), name.to_owned())]),
             open: self.open.get_or_create(&labels).clone(),
             by_status: std::array::from_fn(|_| OnceLock::new()),
             rejected,
@@ -267,8 +270,9 @@ impl ListenerMetrics {
         self.families.direction
     }
 
-    pub fn request(&self, status: u16, elapsed: std::time::Duration) {
-        self.duration.observe(elapsed);
+    /// A request answered with `status` after `elapsed`; `trace_id` when its span is sampled.
+    pub fn request(&self, status: u16, elapsed: std::time::Duration, trace_id: Option<u128>) {
+        self.duration.observe(elapsed, trace_id);
         let counter = match status.checked_sub(100).and_then(|i| self.by_status.get(i as usize)) {
             Some(slot) => slot.get_or_init(|| self.status_counter(status)),
             None => &self.status_counter(status),
@@ -346,20 +350,26 @@ mod tests {
         out
     }
 
+    fn encode_with(registry: &Registry, m: &InboundMetrics) -> String {
+        let mut out = encode(registry);
+        m.histograms().encode(false, &mut out).unwrap();
+        out
+    }
+
     #[test]
     fn exposition_has_the_public_names() {
         let mut registry = Registry::with_prefix("sidecar");
         let m = InboundMetrics::register(&mut registry);
         let l = m.listener("web");
-        l.request(200, Duration::from_millis(3));
-        l.request(503, Duration::from_millis(30));
+        l.request(200, Duration::from_millis(3), None);
+        l.request(503, Duration::from_millis(30), None);
         l.reject(Reject::HeadersTooLarge);
-        let out = encode(&registry);
+        let out = encode_with(&registry, &m);
         for needle in [
             "sidecar_inbound_requests_total{listener=\"web\",status_code=\"200\"} 1",
             "sidecar_inbound_requests_total{listener=\"web\",status_code=\"503\"} 1",
             "sidecar_inbound_request_duration_seconds_count{listener=\"web\"} 2",
-            "sidecar_inbound_request_duration_seconds_bucket{le=\"0.005\",listener=\"web\"} 1",
+            "sidecar_inbound_request_duration_seconds_bucket{listener=\"web\",le=\"0.005\"} 1",
             "sidecar_inbound_rejected_total{listener=\"web\",reason=\"headers_too_large\"} 1",
             "sidecar_inbound_rejected_total{listener=\"web\",reason=\"max_connections\"} 0",
         ] {
@@ -372,9 +382,10 @@ mod tests {
     fn outbound_series_are_labelled_by_upstream() {
         let mut registry = Registry::with_prefix("sidecar");
         InboundMetrics::register(&mut registry);
-        let l = InboundMetrics::register_direction(&mut registry, Direction::Outbound).listener("orders");
-        l.request(200, Duration::from_millis(3));
-        let out = encode(&registry);
+        let m = InboundMetrics::register_direction(&mut registry, Direction::Outbound);
+        let l = m.listener("orders");
+        l.request(200, Duration::from_millis(3), None);
+        let out = encode_with(&registry, &m);
         assert!(
             out.contains("sidecar_outbound_requests_total{upstream=\"orders\",status_code=\"200\"} 1"),
             "{out}"

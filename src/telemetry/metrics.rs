@@ -1,15 +1,13 @@
-//! The shared registry, its exposition in both text formats, and the lock-free latency
-//! histogram. Each module registers its own families on the registry at start
-//! (`InboundMetrics::register`, the access log, span export, health, the reloader), so
-//! nothing here grows with every feature.
+//! The shared registry and its exposition in both text formats. Each module registers its
+//! own families on the registry at start (`InboundMetrics::register`, the access log, span
+//! export, health, the reloader), so nothing here grows with every feature; the latency
+//! histograms are kept apart (`telemetry::histogram`) and written beside it.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 
-use prometheus_client::encoding::{EncodeMetric, MetricEncoder, NoLabelSet};
-use prometheus_client::metrics::{MetricType, TypedMetric};
 use prometheus_client::registry::Registry;
 
+use super::histogram::HistogramFamily;
 use super::process::ProcessCollector;
 
 /// The registry every family is registered on, with the public `sidecar_` prefix.
@@ -26,27 +24,40 @@ pub enum Format {
     OpenMetrics,
 }
 
-/// Everything a scrape shows: the `process_*` families, then the registry's.
+/// Everything a scrape shows: the `process_*` families, the registry's, the latency
+/// histograms.
 pub struct Exposition {
     registry: Arc<Registry>,
     process: Registry,
+    histograms: Vec<Arc<HistogramFamily>>,
 }
 
 impl Exposition {
-    pub fn new(registry: Arc<Registry>, started: std::time::SystemTime) -> Self {
+    pub fn new(
+        registry: Arc<Registry>,
+        histograms: Vec<Arc<HistogramFamily>>,
+        started: std::time::SystemTime,
+    ) -> Self {
         let mut process = Registry::default();
         process.register_collector(Box::new(ProcessCollector::new(started)));
-        Exposition { registry, process }
+        Exposition { registry, process, histograms }
     }
 
     pub fn encode(&self, format: Format, out: &mut String) -> std::fmt::Result {
-        // prometheus-client writes OpenMetrics: one `# EOF`, after the last family.
-        let mut om = String::with_capacity(16 * 1024);
+        // prometheus-client writes OpenMetrics; `encode_registry` leaves out the `# EOF`,
+        // which goes once, after the last family.
+        let mut om = String::with_capacity(32 * 1024);
         prometheus_client::encoding::text::encode_registry(&mut om, &self.process)?;
-        prometheus_client::encoding::text::encode(&mut om, &self.registry)?;
+        prometheus_client::encoding::text::encode_registry(&mut om, &self.registry)?;
         match format {
             Format::OpenMetrics => out.push_str(&om),
             Format::Prometheus => to_prometheus(&om, out),
+        }
+        for h in &self.histograms {
+            h.encode(format == Format::OpenMetrics, out)?;
+        }
+        if format == Format::OpenMetrics {
+            out.push_str("# EOF\n");
         }
         Ok(())
     }
@@ -96,74 +107,6 @@ fn push_line(out: &mut String, parts: &[&str]) {
     out.push('\n');
 }
 
-/// Latency buckets in seconds, 0.5 ms to 10 s: a sidecar's own hop is under the first, the
-/// apps behind it take 1 ms to seconds.
-pub const LATENCY_BUCKETS: [f64; 14] =
-    [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
-
-/// A histogram of fixed buckets made of atomics. prometheus-client's own takes a mutex on
-/// every observation, which the request path must not.
-#[derive(Debug, Clone, Default)]
-pub struct LatencyHistogram {
-    inner: Arc<HistInner>,
-}
-
-#[derive(Debug, Default)]
-struct HistInner {
-    buckets: [AtomicU64; LATENCY_BUCKETS.len() + 1],
-    sum_nanos: AtomicU64,
-    count: AtomicU64,
-}
-
-/// A histogram's state at one moment: per-bucket (not cumulative) counts, the last one
-/// above every bound, and the sum in seconds.
-#[derive(Debug, Clone, PartialEq, serde::Serialize)]
-pub struct HistogramSnapshot {
-    pub counts: Vec<u64>,
-    pub sum: f64,
-}
-
-impl LatencyHistogram {
-    pub fn observe(&self, d: std::time::Duration) {
-        let secs = d.as_secs_f64();
-        let i = LATENCY_BUCKETS.iter().position(|b| secs <= *b).unwrap_or(LATENCY_BUCKETS.len());
-        self.inner.buckets[i].fetch_add(1, Ordering::Relaxed);
-        self.inner.sum_nanos.fetch_add(d.as_nanos() as u64, Ordering::Relaxed);
-        self.inner.count.fetch_add(1, Ordering::Relaxed);
-    }
-
-    pub fn snapshot(&self) -> HistogramSnapshot {
-        HistogramSnapshot {
-            counts: self.inner.buckets.iter().map(|b| b.load(Ordering::Relaxed)).collect(),
-            sum: self.inner.sum_nanos.load(Ordering::Relaxed) as f64 / 1e9,
-        }
-    }
-}
-
-impl TypedMetric for LatencyHistogram {
-    const TYPE: MetricType = MetricType::Histogram;
-}
-
-impl EncodeMetric for LatencyHistogram {
-    fn encode(&self, mut encoder: MetricEncoder) -> Result<(), std::fmt::Error> {
-        // Per-bucket counts: the encoder makes them cumulative.
-        let mut buckets = [(0.0, 0u64); LATENCY_BUCKETS.len() + 1];
-        for (i, slot) in buckets.iter_mut().enumerate() {
-            let upper = LATENCY_BUCKETS.get(i).copied().unwrap_or(f64::INFINITY);
-            *slot = (upper, self.inner.buckets[i].load(Ordering::Relaxed));
-        }
-        // The count is the sum of the buckets read, so the exposition is self-consistent
-        // even while requests are being observed.
-        let count = buckets.iter().map(|b| b.1).sum();
-        let sum = self.inner.sum_nanos.load(Ordering::Relaxed) as f64 / 1e9;
-        encoder.encode_histogram::<NoLabelSet>(sum, count, &buckets, None)
-    }
-
-    fn metric_type(&self) -> MetricType {
-        Self::TYPE
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -171,28 +114,20 @@ mod tests {
 
     fn exposition(r: Registry, format: Format) -> String {
         let mut out = String::new();
-        Exposition::new(Arc::new(r), std::time::SystemTime::now()).encode(format, &mut out).unwrap();
+        let h = HistogramFamily::new("sidecar_x_duration_seconds", "Test");
+        h.get_or_create(vec![("listener", "web".into())])
+            .observe(std::time::Duration::from_millis(3), Some(7));
+        Exposition::new(Arc::new(r), vec![h], std::time::SystemTime::now()).encode(format, &mut out).unwrap();
         out
     }
 
     #[test]
-    fn histogram_buckets_are_cumulative_and_count_matches() {
-        let mut r = registry();
-        let h = LatencyHistogram::default();
-        r.register("x_duration_seconds", "test", h.clone());
-        h.observe(std::time::Duration::from_micros(300));
-        h.observe(std::time::Duration::from_millis(3));
-        h.observe(std::time::Duration::from_secs(60));
-        let out = exposition(r, Format::OpenMetrics);
-        for needle in [
-            "sidecar_x_duration_seconds_bucket{le=\"0.0005\"} 1",
-            "sidecar_x_duration_seconds_bucket{le=\"0.005\"} 2",
-            "sidecar_x_duration_seconds_bucket{le=\"+Inf\"} 3",
-            "sidecar_x_duration_seconds_count 3",
-        ] {
-            assert!(out.contains(needle), "missing {needle} in\n{out}");
-        }
-        assert_eq!(h.snapshot().counts.iter().sum::<u64>(), 3);
+    fn histograms_come_before_the_one_eof() {
+        let out = exposition(registry(), Format::OpenMetrics);
+        assert!(out.contains("# TYPE sidecar_x_duration_seconds histogram\n"), "{out}");
+        assert!(out.contains("# {trace_id=\"00000000000000000000000000000007\"}"), "{out}");
+        assert_eq!(out.matches("# EOF").count(), 1);
+        assert!(out.ends_with("sidecar_x_duration_seconds_count{listener=\"web\"} 1\n# EOF\n"), "{out}");
     }
 
     #[test]
@@ -203,7 +138,6 @@ mod tests {
         c.inc();
         let om = exposition(r, Format::OpenMetrics);
         assert!(om.contains("# TYPE sidecar_things counter\n"), "{om}");
-        assert!(om.ends_with("# EOF\n"));
         let mut r = registry();
         r.register("things", "Things seen", c);
         let text = exposition(r, Format::Prometheus);

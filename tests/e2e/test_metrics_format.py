@@ -66,3 +66,27 @@ def test_latency_buckets_suit_a_proxy_and_labels_stay_bounded(scraped):
             for k, v in s.labels.items():
                 assert k not in ("path", "peer", "client", "url"), f"unbounded label {k} on {s.name}"
                 assert not v.startswith("/"), f"a path in label {k}={v} of {s.name}"
+
+
+def test_latency_buckets_carry_trace_exemplars_in_openmetrics(http_app, start_sidecar):
+    """With tracing on, a sampled request is its bucket's exemplar (OpenMetrics only), so a slow
+    bucket links to a trace; the strict parser reads it."""
+    from otlp_receiver import OtlpReceiver
+
+    receiver = OtlpReceiver()
+    try:
+        cfg = make_config(http_app.port)
+        cfg["telemetry"]["tracing"] = {"otlp_endpoint": receiver.endpoint, "batch_timeout": "200ms"}
+        sc = start_sidecar(cfg)
+        trace = "4bf92f3577b34da6a3ce929d0e0e4736"
+        assert http_request(sc.port("web"), "/slow?ms=30", headers={"traceparent": f"00-{trace}-00f067aa0ba902b7-01"}).status == 200
+        r = sc.admin("/metrics", headers={"Accept": "application/openmetrics-text; version=1.0.0"})
+        fam = next(f for f in parse_openmetrics(r.body.decode()) if f.name == "sidecar_inbound_request_duration_seconds")
+        exemplars = [s for s in fam.samples if s.exemplar is not None]
+        assert [e.exemplar.labels for e in exemplars] == [{"trace_id": trace}], exemplars
+        (s,) = exemplars
+        assert s.labels["le"] == "0.05" and 0.03 <= s.exemplar.value <= 0.05, s
+        plain = sc.admin("/metrics").body.decode()
+        assert "trace_id" not in plain, "exemplars are OpenMetrics only"
+    finally:
+        receiver.stop()
