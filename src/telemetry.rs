@@ -9,6 +9,8 @@ pub mod context;
 pub mod histogram;
 pub mod logging;
 pub mod metrics;
+pub mod otlp;
+pub mod pace;
 pub mod process;
 pub mod spans;
 

@@ -14,13 +14,14 @@ import json
 import os
 import shutil
 import signal
+import sys
 import tempfile
 import time
 
 from load import OUTBOUND_WORKLOADS, QUICK_SKIP, QUICK_TLS, TLS_WORKLOADS, WORKLOADS, CpuQuota, run_workload
 import outbound
 from modes import profile, soak, syscall_counts
-from procs import BENCH, ROOT, Procs, loadavg, log, machine_info, mem_kib, tail, wait_quiet
+from procs import BENCH, HERE, LOAD_CPU, ROOT, Procs, loadavg, log, machine_info, mem_kib, tail, wait_quiet
 from report import build_report, fmt_f, fmt_ms, fmt_rps
 from targets import PROXIES, TARGETS, Env, key
 
@@ -163,6 +164,23 @@ def start_variants(env: Env, workloads, proxies, skipped, rnd):
                 env.stop(t, via)
 
 
+def start_otlp_sink(procs, tmp):
+    """The span sink for BENCH_SIDECAR_TELEMETRY=on, on the load generator's CPU."""
+    logfile = os.path.join(tmp, "otlp-sink.log")
+    procs.start([sys.executable, os.path.join(HERE, "otlp_sink.py")], logfile, cpu=LOAD_CPU)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        with open(logfile) as f:
+            ports = [l.split()[1] for l in f if l.startswith("PORT ")]
+        if ports:
+            os.environ["BENCH_OTLP_ENDPOINT"] = f"http://127.0.0.1:{ports[0]}"
+            log(f"bench: telemetry on: spans to the sink on port {ports[0]}, access log to "
+                f"{os.environ.get('BENCH_ACCESS_LOG', '/dev/null')}")
+            return
+        time.sleep(0.05)
+    raise RuntimeError("the OTLP sink did not start")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--sidecar", required=True)
@@ -228,6 +246,8 @@ def main():
                   unix=plain and "unix" in args.workloads,
                   outbound=plain and any(w in OUTBOUND_WORKLOADS for w in args.workloads))
         env.start_app()
+        if os.environ.get("BENCH_SIDECAR_TELEMETRY") == "on":
+            start_otlp_sink(procs, tmp)
         stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
         if args.syscalls:
             for t in PROXIES:

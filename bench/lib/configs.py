@@ -193,6 +193,20 @@ def sidecar_conf(admin, port, app, tls=None, l4=None):
 app: {{ address: {app}, http: http1 }}
 inbound:
   - {{ name: web, listen: 127.0.0.1:{port}, protocol: http }}
-{extra}telemetry: {{ log_level: {os.environ.get("BENCH_SIDECAR_LOG_LEVEL", "warn")}, access_log: {{ enabled: false }} }}
+{extra}{sidecar_telemetry()}
 runtime: {{ worker_threads: 1 }}
 """
+
+
+def sidecar_telemetry() -> str:
+    """Sidecar's `telemetry` section: access log and tracing off, or with
+    BENCH_SIDECAR_TELEMETRY=on both on (every request sampled, spans to the sink bench.py
+    starts, access-log lines to BENCH_ACCESS_LOG, /dev/null unless set): what issue 12's bar
+    compares."""
+    level = os.environ.get("BENCH_SIDECAR_LOG_LEVEL", "warn")
+    if os.environ.get("BENCH_SIDECAR_TELEMETRY") != "on":
+        return f"telemetry: {{ log_level: {level}, access_log: {{ enabled: false }} }}"
+    log = os.environ.get("BENCH_ACCESS_LOG", "/dev/null")
+    return (f"telemetry:\n  log_level: {level}\n"
+            f"  access_log: {{ enabled: true, format: json, path: {log} }}\n"
+            f"  tracing: {{ otlp_endpoint: \"{os.environ['BENCH_OTLP_ENDPOINT']}\", sample_ratio: 1.0 }}")

@@ -255,26 +255,41 @@ struct RequestEnd {
     trace_id: Option<Box<str>>,
     error: Option<&'static str>,
     req_stats: Option<Arc<BodyStats>>,
-    /// With tracing on: the sidecar's span, and what the caller sent.
-    span: Option<(SpanContext, TraceIncoming)>,
-    /// A sampled span's `Host` and `User-Agent`, read before the request is rewritten.
-    span_headers: Option<(Option<HeaderValue>, Option<HeaderValue>)>,
+    /// With tracing on. Boxed: with it off, a request's end moves 8 bytes instead of ~150
+    /// (measured: 290 instructions a request).
+    trace: Option<Box<Trace>>,
+}
+
+/// The sidecar's span for a request, what the caller sent, and for a sampled span the
+/// `Host` and `User-Agent` read before the request is rewritten.
+struct Trace {
+    span: SpanContext,
+    incoming: TraceIncoming,
+    host: Option<HeaderValue>,
+    user_agent: Option<HeaderValue>,
 }
 
 impl RequestEnd {
     fn new(req: &Request<Incoming>, conn: &Arc<Conn>) -> Self {
         let l = &conn.listener;
-        let span = l.tracer.start_span(req.headers());
-        let sampled = span.is_some_and(|(s, _)| s.sampled);
+        let h = req.headers();
+        let trace = l.tracer.start_span(h).map(|(span, incoming)| {
+            let (host, user_agent) = if span.sampled {
+                let authority = || req.uri().authority().and_then(|a| HeaderValue::from_str(a.as_str()).ok());
+                (h.get(header::HOST).cloned().or_else(authority), h.get(header::USER_AGENT).cloned())
+            } else {
+                (None, None)
+            };
+            Box::new(Trace { span, incoming, host, user_agent })
+        });
+        let sampled = trace.as_ref().is_some_and(|t| t.span.sampled);
         let logging = l.access_log.enabled();
-        let trace_id = match &span {
-            Some((s, _)) if logging => Some(s.trace_id_hex()),
-            None if logging => caller_trace_id(req.headers()),
+        let trace_id = match &trace {
+            Some(t) if logging => Some(t.span.trace_id_hex()),
+            None if logging => caller_trace_id(h),
             _ => None,
         };
         let recording = logging || sampled;
-        let h = req.headers();
-        let authority = || req.uri().authority().and_then(|a| HeaderValue::from_str(a.as_str()).ok());
         RequestEnd {
             conn: conn.clone(),
             metrics: l.metrics.clone(),
@@ -287,10 +302,7 @@ impl RequestEnd {
             trace_id,
             error: None,
             req_stats: None,
-            span,
-            span_headers: sampled.then(|| {
-                (h.get(header::HOST).cloned().or_else(authority), h.get(header::USER_AGENT).cloned())
-            }),
+            trace,
         }
     }
 }
@@ -299,8 +311,8 @@ impl OnEnd for RequestEnd {
     fn on_end(self, bytes_out: u64, complete: bool, reusable: Option<H1Conn>) {
         let conn = &self.conn;
         let elapsed = self.start.elapsed();
-        let sampled = self.span.filter(|(s, _)| s.sampled).map(|(s, _)| s);
-        self.metrics.request(self.status, elapsed, sampled.map(|s| s.trace_id));
+        let sampled = self.trace.filter(|t| t.span.sampled);
+        self.metrics.request(self.status, elapsed, sampled.as_ref().map(|t| t.span.trace_id));
         // Given only when both bodies went through whole and the app keeps it open;
         // otherwise it was dropped, which closed it.
         if let Some(app_conn) = reusable {
@@ -340,8 +352,8 @@ impl OnEnd for RequestEnd {
             trace_id: self.trace_id,
             error,
         };
-        if let Some(ctx) = sampled {
-            let (host, user_agent) = self.span_headers.unwrap_or_default();
+        if let Some(t) = sampled {
+            let Trace { span: ctx, host, user_agent, .. } = *t;
             let tls = l.tls.is_some();
             let span = |request| SpanRecord { ctx, request, host, user_agent, tls };
             if !l.access_log.enabled() {
@@ -420,8 +432,8 @@ async fn prepare(
 
     let (mut parts, body) = req.into_parts();
     sanitize_request(&mut parts.headers, upgrade);
-    if let Some((span, incoming)) = &end.span {
-        span.propagate(*incoming, &mut parts.headers);
+    if let Some(t) = &end.trace {
+        t.span.propagate(t.incoming, &mut parts.headers);
     }
     if let Some(routes) = &l.routes {
         // The app's own call: no forwarding headers (the peer is the app itself).

@@ -18,7 +18,9 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::registry::Registry;
 use tokio::sync::mpsc;
-use tokio::sync::mpsc::error::TrySendError;
+use tokio::sync::mpsc::error::{TryRecvError, TrySendError};
+
+use super::pace::Pace;
 
 use crate::config::{AccessLogConfig, AccessLogPath, LogFormat};
 
@@ -161,16 +163,24 @@ fn register(registry: &mut Registry) -> (Counter, Counter) {
 }
 
 fn write_loop<W: Write>(mut rx: mpsc::Receiver<AccessRecord>, mut writer: Writer<W>) {
-    while let Some(first) = rx.blocking_recv() {
-        writer.push(&first);
-        // Everything already queued, up to a batch, goes in one write. Waiting on the channel
-        // between batches is also what keeps a dead destination from spinning this thread.
-        while writer.batch.len() < BATCH
-            && let Ok(rec) = rx.try_recv()
-        {
-            writer.push(&rec);
+    let mut pace = Pace::default();
+    loop {
+        match rx.try_recv() {
+            Ok(first) => {
+                pace.busy();
+                writer.push(&first);
+                // Everything already queued, up to a batch, goes in one write.
+                while writer.batch.len() < BATCH
+                    && let Ok(rec) = rx.try_recv()
+                {
+                    writer.push(&rec);
+                }
+                writer.write_batch();
+            }
+            // Never blocked on the channel: see `telemetry::pace`.
+            Err(TryRecvError::Empty) => std::thread::sleep(pace.tick()),
+            Err(TryRecvError::Disconnected) => return,
         }
-        writer.write_batch();
     }
 }
 

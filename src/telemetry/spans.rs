@@ -1,35 +1,39 @@
 //! The sidecar's spans: one per request (server inbound, client outbound), exported over
-//! OTLP/HTTP by opentelemetry-otlp from a thread of their own.
+//! OTLP/HTTP protobuf from a thread of their own.
 //!
 //! The request path decides sampling and hands a finished request's facts to a bounded queue
 //! (`Tracer::record`); it never builds OpenTelemetry values, never waits, and when the queue
-//! is full the span is dropped and counted. The exporter thread turns records into
-//! `SpanData` with the HTTP semantic conventions, in batches of `batch_size` or every
-//! `batch_timeout`, and sends each batch once, within `export_timeout` (the exporter's own
-//! retries included). While a collector is down, slow or hung, the thread waits on it, the
+//! is full the span is dropped and counted. The exporter thread writes records as OTLP spans
+//! with the HTTP semantic conventions (`telemetry::otlp`, protobuf), in batches of
+//! `batch_size` or every `batch_timeout`, and POSTs each batch with opentelemetry-http's
+//! hyper client within `export_timeout`, retrying a refused connection, 429 and 502–504
+//! (after `Retry-After` when given) while time is left. Not the SDK's `SpanData` and
+//! opentelemetry-otlp's exporter: that path cost 25k instructions a span, as much as proxying
+//! the request (ARCHITECTURE.md). While a collector is down, slow or hung, the thread waits on it, the
 //! queue fills, and spans are dropped: `sidecar_tracing_spans_dropped_total{reason}`, with
 //! `queue_full` (the request path found no room) or `export_failed` (the collector refused
 //! or never answered). Owns its metric families.
 
-use std::borrow::Cow;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender, TrySendError};
-use std::time::{Duration, Instant};
+use std::sync::mpsc::{self, Receiver, SyncSender, TryRecvError, TrySendError};
+use std::time::{Duration, Instant, UNIX_EPOCH};
 
+use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, Method, Version};
-use opentelemetry::trace::{SpanKind, Status, TraceFlags, TraceState};
-use opentelemetry::{InstrumentationScope, KeyValue};
-use opentelemetry_otlp::{Protocol, WithExportConfig, WithHttpConfig};
-use opentelemetry_sdk::Resource;
-use opentelemetry_sdk::trace::{SpanData, SpanEvents, SpanExporter, SpanLinks};
+use opentelemetry_http::HttpClient;
+use opentelemetry_http::hyper::HyperClient;
+use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceResponse;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::registry::Registry;
+use prost::Message;
 
 use super::access_log::AccessRecord;
 use super::context::{Incoming, Sampler, SpanContext};
+use super::otlp::{self, Attr, SpanFields};
+use super::pace::Pace;
 use crate::config::TracingConfig;
 
 /// The pod's identity from the downward API, as Kubernetes manifests usually name it, and
@@ -80,8 +84,10 @@ struct Inner {
 
 #[derive(Debug, thiserror::Error)]
 pub enum TracingError {
-    #[error("telemetry.tracing: {0}")]
-    Exporter(#[from] opentelemetry_otlp::ExporterBuildError),
+    #[error("telemetry.tracing.otlp_endpoint: `{0}` is not a URL")]
+    Endpoint(String),
+    #[error("telemetry.tracing.headers.{0}: not a valid header")]
+    Header(String),
     #[error("telemetry.tracing: starting the exporter thread: {0}")]
     Thread(std::io::Error),
 }
@@ -105,27 +111,30 @@ impl Tracer {
         let counts = (exported.clone(), queue_full.clone(), failed.clone());
         let Some(config) = config else { return Ok(Tracer { inner: None, counts }) };
 
-        let mut exporter = opentelemetry_otlp::SpanExporter::builder()
-            .with_http()
-            .with_protocol(Protocol::HttpBinary)
-            .with_endpoint(&config.otlp_endpoint)
-            .with_timeout(config.export_timeout)
-            .with_headers(config.headers.0.clone().into_iter().collect())
-            .build()?;
-        exporter.set_resource(&resource(config));
+        let endpoint: http::Uri =
+            config.otlp_endpoint.parse().map_err(|_| TracingError::Endpoint(config.otlp_endpoint.clone()))?;
+        let mut headers = HeaderMap::new();
+        for (k, v) in &config.headers.0 {
+            let bad = || TracingError::Header(k.clone());
+            let mut value = HeaderValue::from_str(v).map_err(|_| bad())?;
+            value.set_sensitive(true);
+            headers.insert(http::HeaderName::from_bytes(k.as_bytes()).map_err(|_| bad())?, value);
+        }
         let (tx, rx) = mpsc::sync_channel(config.queue_size);
         let (done_tx, done_rx) = mpsc::channel();
         let closing = Arc::new(AtomicBool::new(false));
         let batcher = Batcher {
             rx,
-            exporter,
+            endpoint,
+            headers,
+            resource: otlp::resource(&resource(config)),
             batch_size: config.batch_size,
             batch_timeout: config.batch_timeout,
             export_timeout: config.export_timeout,
             closing: closing.clone(),
             metrics: ExportMetrics { exported, failed },
-            scope: InstrumentationScope::builder("sidecar").with_version(env!("CARGO_PKG_VERSION")).build(),
             failing: false,
+            client: None,
         };
         std::thread::Builder::new()
             .name("span-export".into())
@@ -189,34 +198,74 @@ impl Tracer {
 }
 
 /// The resource every span carries: `service.name`, the pod's identity, configured
-/// attributes, and what OpenTelemetry's environment detectors find (`OTEL_RESOURCE_ATTRIBUTES`).
-fn resource(config: &TracingConfig) -> Resource {
-    let mut attrs: Vec<KeyValue> = POD_ENV
-        .iter()
-        .filter_map(|(env, key)| std::env::var(env).ok().map(|v| KeyValue::new(*key, v)))
-        .collect();
-    attrs.extend(config.resource.iter().map(|(k, v)| KeyValue::new(k.clone(), v.clone())));
-    attrs.push(KeyValue::new("service.version", env!("CARGO_PKG_VERSION")));
+/// attributes, and `OTEL_RESOURCE_ATTRIBUTES` (`key=value,key=value`, as OpenTelemetry's
+/// environment detector reads it; the config wins over it, the pod's variables over both).
+fn resource(config: &TracingConfig) -> Vec<(String, String)> {
+    let mut attrs: Vec<(String, String)> = Vec::new();
+    let mut set = |k: &str, v: String| match attrs.iter_mut().find(|(key, _)| key == k) {
+        Some(slot) => slot.1 = v,
+        None => attrs.push((k.to_owned(), v)),
+    };
+    if let Ok(env) = std::env::var("OTEL_RESOURCE_ATTRIBUTES") {
+        for (k, v) in env.split(',').filter_map(|kv| kv.split_once('=')) {
+            set(k.trim(), percent_decode(v.trim()));
+        }
+    }
+    for (k, v) in &config.resource {
+        set(k, v.clone());
+    }
+    for (env, key) in POD_ENV {
+        if let Ok(v) = std::env::var(env) {
+            set(key, v);
+        }
+    }
     let name = config.service_name.clone().unwrap_or_else(|| "sidecar".into());
-    Resource::builder().with_attributes(attrs).with_service_name(name).build()
+    set("service.name", name);
+    set("service.version", env!("CARGO_PKG_VERSION").into());
+    set("telemetry.sdk.name", "sidecar".into());
+    set("telemetry.sdk.language", "rust".into());
+    attrs
+}
+
+/// `%XX` escapes, which the OpenTelemetry spec allows in `OTEL_RESOURCE_ATTRIBUTES` values.
+fn percent_decode(v: &str) -> String {
+    let b = v.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        let hex = |c: u8| (c as char).to_digit(16);
+        match (b[i], b.get(i + 1).and_then(|c| hex(*c)), b.get(i + 2).and_then(|c| hex(*c))) {
+            (b'%', Some(h), Some(l)) => {
+                out.push((h * 16 + l) as u8);
+                i += 3;
+            }
+            (c, ..) => {
+                out.push(c);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// The exporter thread: batches records and sends them, one export at a time.
 struct Batcher {
     rx: Receiver<SpanRecord>,
-    exporter: opentelemetry_otlp::SpanExporter,
+    endpoint: http::Uri,
+    /// Sent with every export (tokens: marked sensitive).
+    headers: HeaderMap,
+    /// The encoded `Resource`, the same in every batch.
+    resource: Vec<u8>,
     batch_size: usize,
     batch_timeout: Duration,
     export_timeout: Duration,
     closing: Arc<AtomicBool>,
     metrics: ExportMetrics,
-    scope: InstrumentationScope,
     /// The last export failed: the next failure is only counted, a success is logged.
     failing: bool,
+    /// Made on the first export, inside the runtime its connections need.
+    client: Option<HyperClient>,
 }
-
-/// How often an idle exporter looks at the shutdown flag.
-const TICK: Duration = Duration::from_millis(100);
 
 impl Batcher {
     fn run(mut self) {
@@ -229,20 +278,24 @@ impl Batcher {
                 return;
             }
         };
-        let mut batch = Vec::with_capacity(self.batch_size);
+        let mut batch = otlp::Batch::default();
         let mut first = None::<Instant>;
+        let mut pace = Pace::default();
         loop {
             let closing = self.closing.load(Ordering::Acquire);
-            let wait = match first {
-                Some(t) => self.batch_timeout.saturating_sub(t.elapsed()).min(TICK),
-                None => TICK,
-            };
-            match self.rx.recv_timeout(if closing { Duration::ZERO } else { wait }) {
+            match self.rx.try_recv() {
                 Ok(r) => {
+                    pace.busy();
                     first.get_or_insert_with(Instant::now);
-                    batch.push(self.span(r));
+                    push(&mut batch, r);
                 }
-                Err(RecvTimeoutError::Timeout) if !closing => {}
+                // Never blocked on the channel: see `telemetry::pace`.
+                Err(TryRecvError::Empty) if !closing => {
+                    let wait = first.map_or(pace.tick(), |t| self.batch_timeout.saturating_sub(t.elapsed()));
+                    if !wait.is_zero() {
+                        std::thread::sleep(wait.min(pace.tick()));
+                    }
+                }
                 // Closing and nothing queued, or every sender gone: send the rest and stop.
                 Err(_) => {
                     self.export(&runtime, &mut batch);
@@ -257,119 +310,162 @@ impl Batcher {
         }
     }
 
-    fn export(&mut self, runtime: &tokio::runtime::Runtime, batch: &mut Vec<SpanData>) {
+    fn export(&mut self, runtime: &tokio::runtime::Runtime, batch: &mut otlp::Batch) {
         if batch.is_empty() {
             return;
         }
         let n = batch.len() as u64;
-        let spans = std::mem::replace(batch, Vec::with_capacity(self.batch_size));
-        // The exporter's own timeout bounds each try; this bounds a client that ignores it.
-        let result = runtime
-            .block_on(async { tokio::time::timeout(self.export_timeout, self.exporter.export(spans)).await });
+        let body = batch.finish(&self.resource, env!("CARGO_PKG_VERSION"));
+        let client =
+            self.client.get_or_insert_with(|| HyperClient::with_default_connector(self.export_timeout, None));
+        let result =
+            runtime.block_on(send(client, &self.endpoint, &self.headers, body.into(), self.export_timeout));
         match result {
-            Ok(Ok(())) => {
-                self.metrics.exported.inc_by(n);
+            Ok(rejected) => {
+                self.metrics.exported.inc_by(n.saturating_sub(rejected));
+                self.metrics.failed.inc_by(rejected.min(n));
                 if std::mem::take(&mut self.failing) {
                     tracing::info!("span export works again");
                 }
             }
-            failed => {
+            Err(error) => {
                 self.metrics.failed.inc_by(n);
                 if !std::mem::replace(&mut self.failing, true) {
-                    let error = match failed {
-                        Ok(Err(e)) => e.to_string(),
-                        _ => format!("no answer within {:?}", self.export_timeout),
-                    };
                     tracing::warn!(%error, spans = n, "span export failed; spans are dropped until the collector answers");
                 }
             }
         }
     }
+}
 
-    /// A record as OpenTelemetry's span, with the HTTP semantic conventions.
-    fn span(&self, r: SpanRecord) -> SpanData {
-        let q = &r.request;
-        let client = q.direction == "outbound";
-        let (method, known) = method_name(&q.method);
-        let mut attrs = Vec::with_capacity(16);
-        attrs.push(KeyValue::new("http.request.method", method));
-        if !known {
-            attrs.push(KeyValue::new("http.request.method_original", q.method.as_str().to_owned()));
+/// A record as an OTLP span in `batch`, with the HTTP semantic conventions.
+fn push(batch: &mut otlp::Batch, r: SpanRecord) {
+    let q = &r.request;
+    let client = q.direction == "outbound";
+    let (method, known) = method_name(&q.method);
+    let mut attrs: Vec<(&str, Attr)> = Vec::with_capacity(18);
+    attrs.push(("http.request.method", Attr::Str(method)));
+    if !known {
+        attrs.push(("http.request.method_original", Attr::Str(q.method.as_str())));
+    }
+    if q.status != 0 {
+        attrs.push(("http.response.status_code", Attr::Int(q.status as i64)));
+    }
+    attrs.push(("network.protocol.version", Attr::Str(protocol_version(q.version))));
+    let host = r.host.as_ref().and_then(|h| h.to_str().ok());
+    let (address, port) = split_host(host);
+    let upstream = q.upstream.as_deref().unwrap_or_default();
+    let path = q.uri.path_and_query().map_or("/", |p| p.as_str());
+    let url_full;
+    let client_address;
+    if client {
+        attrs.push(("server.address", Attr::Str(address.unwrap_or(upstream))));
+        url_full = format!("http://{}{path}", host.unwrap_or(upstream));
+        attrs.push(("url.full", Attr::Str(&url_full)));
+        attrs.push(("sidecar.upstream", Attr::Str(upstream)));
+    } else {
+        if let Some(a) = address {
+            attrs.push(("server.address", Attr::Str(a)));
         }
-        if q.status != 0 {
-            attrs.push(KeyValue::new("http.response.status_code", q.status as i64));
+        attrs.push(("url.path", Attr::Str(q.uri.path())));
+        if let Some(query) = q.uri.query() {
+            attrs.push(("url.query", Attr::Str(query)));
         }
-        attrs.push(KeyValue::new("network.protocol.version", protocol_version(q.version)));
-        let host = r.host.as_ref().and_then(|h| h.to_str().ok());
-        let (address, port) = split_host(host);
-        if client {
-            let upstream = q.upstream.as_deref().unwrap_or_default();
-            attrs.push(KeyValue::new("server.address", address.unwrap_or(upstream).to_owned()));
-            let path = q.uri.path_and_query().map_or("/", |p| p.as_str());
-            attrs.push(KeyValue::new("url.full", format!("http://{}{path}", host.unwrap_or(upstream))));
-            attrs.push(KeyValue::new("sidecar.upstream", upstream.to_owned()));
-        } else {
-            if let Some(a) = address {
-                attrs.push(KeyValue::new("server.address", a.to_owned()));
+        attrs.push(("url.scheme", Attr::Str(if r.tls { "https" } else { "http" })));
+        client_address = q.peer.ip().to_string();
+        attrs.push(("client.address", Attr::Str(&client_address)));
+        attrs.push(("client.port", Attr::Int(q.peer.port() as i64)));
+    }
+    if let Some(p) = port {
+        attrs.push(("server.port", Attr::Int(p as i64)));
+    }
+    if let Some(ua) = r.user_agent.as_ref().and_then(|v| v.to_str().ok()) {
+        attrs.push(("user_agent.original", Attr::Str(ua)));
+    }
+    attrs.push(("http.request.body.size", Attr::Int(q.bytes_in as i64)));
+    attrs.push(("http.response.body.size", Attr::Int(q.bytes_out as i64)));
+    if let Some(id) = &q.peer_identity {
+        attrs.push(("sidecar.peer.identity", Attr::Str(id)));
+    }
+    attrs.push(("sidecar.listener", Attr::Str(&q.listener)));
+    // Server spans fail on 5xx only (a 4xx is the client's); client spans on 4xx too.
+    let failed_status = q.status >= 500 || (client && q.status >= 400);
+    let status_text;
+    let error = match q.error {
+        Some(e) => Some(e),
+        None if failed_status => {
+            status_text = q.status.to_string();
+            Some(status_text.as_str())
+        }
+        None => None,
+    };
+    if let Some(e) = error {
+        attrs.push(("error.type", Attr::Str(e)));
+    }
+    let start = q.start.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64);
+    batch.push(&SpanFields {
+        trace_id: r.ctx.trace_id,
+        span_id: r.ctx.span_id,
+        parent: r.ctx.parent,
+        // `{method}`: there is no route template to add, and a raw path would make names
+        // unbounded (the conventions' rule).
+        name: if known { method } else { "HTTP" },
+        kind: if client { 3 } else { 2 },
+        start_nanos: start,
+        end_nanos: start + q.duration.as_nanos() as u64,
+        attrs: &attrs,
+        error,
+    });
+}
+
+/// Statuses a collector uses for "try again" (OTLP/HTTP's retryable set).
+fn retryable(status: http::StatusCode) -> bool {
+    matches!(status.as_u16(), 429 | 502 | 503 | 504)
+}
+
+/// POSTs one export within `within`: a refused connection and retryable statuses are tried
+/// again (after `Retry-After`, else 100 ms doubling) while time is left. Returns how many
+/// spans the collector said it rejected (OTLP partial success).
+async fn send(
+    client: &HyperClient,
+    endpoint: &http::Uri,
+    headers: &HeaderMap,
+    body: Bytes,
+    within: Duration,
+) -> Result<u64, String> {
+    let deadline = Instant::now() + within;
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        let mut req = http::Request::post(endpoint.clone()).body(body.clone()).map_err(|e| e.to_string())?;
+        req.headers_mut().extend(headers.clone());
+        req.headers_mut()
+            .insert(http::header::CONTENT_TYPE, HeaderValue::from_static("application/x-protobuf"));
+        let left = deadline.saturating_duration_since(Instant::now());
+        let (error, wait) = match tokio::time::timeout(left, client.send_bytes(req)).await {
+            Err(_) => return Err(format!("no answer within {within:?}")),
+            Ok(Ok(resp)) if resp.status().is_success() => {
+                let rejected = ExportTraceServiceResponse::decode(resp.body().clone())
+                    .ok()
+                    .and_then(|r| r.partial_success)
+                    .map_or(0, |p| p.rejected_spans.max(0) as u64);
+                return Ok(rejected);
             }
-            attrs.push(KeyValue::new("url.path", q.uri.path().to_owned()));
-            if let Some(query) = q.uri.query() {
-                attrs.push(KeyValue::new("url.query", query.to_owned()));
+            Ok(Ok(resp)) if retryable(resp.status()) => {
+                let after = resp
+                    .headers()
+                    .get(http::header::RETRY_AFTER)
+                    .and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
+                    .map(Duration::from_secs);
+                (format!("collector answered {}", resp.status()), after.unwrap_or(backoff))
             }
-            attrs.push(KeyValue::new("url.scheme", if r.tls { "https" } else { "http" }));
-            attrs.push(KeyValue::new("client.address", q.peer.ip().to_string()));
-            attrs.push(KeyValue::new("client.port", q.peer.port() as i64));
-        }
-        if let Some(p) = port {
-            attrs.push(KeyValue::new("server.port", p as i64));
-        }
-        if let Some(ua) = r.user_agent.as_ref().and_then(|v| v.to_str().ok()) {
-            attrs.push(KeyValue::new("user_agent.original", ua.to_owned()));
-        }
-        attrs.push(KeyValue::new("http.request.body.size", q.bytes_in as i64));
-        attrs.push(KeyValue::new("http.response.body.size", q.bytes_out as i64));
-        if let Some(id) = &q.peer_identity {
-            attrs.push(KeyValue::new("sidecar.peer.identity", id.to_string()));
-        }
-        attrs.push(KeyValue::new("sidecar.listener", q.listener.to_string()));
-        // Server spans fail on 5xx only (a 4xx is the client's); client spans on 4xx too.
-        let failed_status = q.status >= 500 || (client && q.status >= 400);
-        let error_type = match q.error {
-            Some(e) => Some(Cow::Borrowed(e)),
-            None if failed_status => Some(Cow::Owned(q.status.to_string())),
-            None => None,
+            Ok(Ok(resp)) => return Err(format!("collector answered {}", resp.status())),
+            Ok(Err(e)) => (e.to_string(), backoff),
         };
-        let status = match &error_type {
-            Some(e) => {
-                attrs.push(KeyValue::new("error.type", e.to_string()));
-                Status::error(e.to_string())
-            }
-            None => Status::Unset,
-        };
-        let ctx = opentelemetry::trace::SpanContext::new(
-            r.ctx.trace_id.into(),
-            r.ctx.span_id.into(),
-            TraceFlags::SAMPLED,
-            false,
-            TraceState::NONE,
-        );
-        SpanData {
-            span_context: ctx,
-            parent_span_id: r.ctx.parent.unwrap_or(0).into(),
-            parent_span_is_remote: r.ctx.parent.is_some(),
-            span_kind: if client { SpanKind::Client } else { SpanKind::Server },
-            // `{method}`: there is no route template to add, and a raw path would make
-            // names unbounded (the conventions' rule).
-            name: Cow::Borrowed(if known { method } else { "HTTP" }),
-            start_time: q.start,
-            end_time: q.start + q.duration,
-            attributes: attrs,
-            dropped_attributes_count: 0,
-            events: SpanEvents::default(),
-            links: SpanLinks::default(),
-            status,
-            instrumentation_scope: self.scope.clone(),
+        if Instant::now() + wait >= deadline {
+            return Err(error);
         }
+        tokio::time::sleep(wait).await;
+        backoff *= 2;
     }
 }
 
