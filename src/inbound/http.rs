@@ -252,7 +252,7 @@ struct RequestEnd {
     uri: Option<Uri>,
     version: Version,
     status: u16,
-    trace_id: Option<Box<str>>,
+    trace_id: Option<u128>,
     error: Option<&'static str>,
     req_stats: Option<Arc<BodyStats>>,
     /// With tracing on. Boxed: with it off, a request's end moves 8 bytes instead of ~150
@@ -285,7 +285,7 @@ impl RequestEnd {
         let sampled = trace.as_ref().is_some_and(|t| t.span.sampled);
         let logging = l.access_log.enabled();
         let trace_id = match &trace {
-            Some(t) if logging => Some(t.span.trace_id_hex()),
+            Some(t) if logging => Some(t.span.trace_id),
             None if logging => caller_trace_id(h),
             _ => None,
         };

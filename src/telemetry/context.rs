@@ -75,17 +75,26 @@ fn hex(s: &[u8]) -> Option<u128> {
 
 /// The trace id a valid `traceparent` carries, as the access log writes it (tracing off:
 /// the caller's trace is logged, and the header goes to the app unchanged).
-pub fn caller_trace_id(headers: &HeaderMap) -> Option<Box<str>> {
+pub fn caller_trace_id(headers: &HeaderMap) -> Option<u128> {
     match read(headers) {
-        Incoming::Valid(p) => Some(hex_id(p.trace_id)),
+        Incoming::Valid(p) => Some(p.trace_id),
         _ => None,
     }
 }
 
-fn hex_id(id: u128) -> Box<str> {
-    let mut b = [0u8; 32];
-    put_hex(&mut b, id);
-    std::str::from_utf8(&b).expect("hex digits").into()
+/// A trace id as the access log and exemplars write it: 32 lower-case hex digits.
+pub struct TraceHex([u8; 32]);
+
+impl TraceHex {
+    pub fn new(id: u128) -> Self {
+        let mut b = [0u8; 32];
+        put_hex(&mut b, id);
+        TraceHex(b)
+    }
+
+    pub fn as_str(&self) -> &str {
+        std::str::from_utf8(&self.0).expect("hex digits")
+    }
 }
 
 /// Parent-based sampling with a ratio for new traces, as OpenTelemetry's
@@ -153,11 +162,6 @@ impl SpanContext {
         b[54] = if self.sampled { b'1' } else { b'0' };
         HeaderValue::from_bytes(&b).expect("hex digits and dashes are a valid header value")
     }
-
-    /// The trace id as the access log and exemplars write it: 32 lower-case hex digits.
-    pub fn trace_id_hex(&self) -> Box<str> {
-        hex_id(self.trace_id)
-    }
 }
 
 /// Ids are random and never zero (zero means "invalid" in the recommendation).
@@ -217,9 +221,10 @@ mod tests {
         }
         assert_eq!(read(&headers(&[EXAMPLE, EXAMPLE])), Incoming::Invalid, "two headers");
         assert_eq!(read(&HeaderMap::new()), Incoming::None);
+        assert_eq!(caller_trace_id(&headers(&[EXAMPLE])), Some(0x4bf92f3577b34da6a3ce929d0e0e4736));
         assert_eq!(
-            caller_trace_id(&headers(&[EXAMPLE])).as_deref(),
-            Some("4bf92f3577b34da6a3ce929d0e0e4736")
+            TraceHex::new(0x4bf92f3577b34da6a3ce929d0e0e4736).as_str(),
+            "4bf92f3577b34da6a3ce929d0e0e4736"
         );
         assert_eq!(caller_trace_id(&headers(&["garbage"])), None);
     }
@@ -244,7 +249,6 @@ mod tests {
         assert!(sent.ends_with("-01"), "a sampled caller stays sampled whatever the ratio");
         assert_eq!(span.parent, Some(0x00f067aa0ba902b7));
         assert_eq!(h.get(&TRACESTATE).unwrap(), "congo=t61rcWkgMzE");
-        assert_eq!(&*span.trace_id_hex(), "4bf92f3577b34da6a3ce929d0e0e4736");
     }
 
     #[test]

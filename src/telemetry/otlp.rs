@@ -37,14 +37,6 @@ fn bytes_field(out: &mut Vec<u8>, field: u32, b: &[u8]) {
     out.extend_from_slice(b);
 }
 
-/// A length-delimited field whose body `f` writes: the body goes to `scratch` first, since
-/// its length comes before it.
-fn message(out: &mut Vec<u8>, field: u32, scratch: &mut Vec<u8>, f: impl FnOnce(&mut Vec<u8>)) {
-    scratch.clear();
-    f(scratch);
-    bytes_field(out, field, scratch);
-}
-
 /// `KeyValue { key = 1, value = 2: AnyValue { string_value = 1 | int_value = 3 } }`.
 fn key_value(out: &mut Vec<u8>, field: u32, key: &str, value: &Attr) {
     let value_len = match value {
@@ -151,23 +143,30 @@ impl Batch {
         self.count += 1;
     }
 
-    /// The `ExportTraceServiceRequest` body, and the batch emptied for the next one.
+    /// The `ExportTraceServiceRequest` body, and the batch emptied for the next one. The
+    /// envelopes' lengths are known from the parts, so the spans are copied once.
     pub fn finish(&mut self, resource: &[u8], version: &str) -> Vec<u8> {
-        let mut scratch = Vec::new();
-        // ScopeSpans { scope = 1: InstrumentationScope { name = 1, version = 2 }, spans = 2 }
-        let mut scope_spans = Vec::with_capacity(self.spans.len() + 32);
-        message(&mut scope_spans, 1, &mut scratch, |b| {
-            bytes_field(b, 1, b"sidecar");
-            bytes_field(b, 2, version.as_bytes());
-        });
-        scope_spans.extend_from_slice(&self.spans);
+        let field_len = |len: usize| 1 + varint_len(len as u64) + len;
+        // InstrumentationScope { name = 1, version = 2 }
+        let scope_len = field_len(b"sidecar".len()) + field_len(version.len());
+        // ScopeSpans { scope = 1, spans = 2 (already fields) }
+        let scope_spans_len = field_len(scope_len) + self.spans.len();
         // ResourceSpans { resource = 1, scope_spans = 2 }
-        let mut resource_spans = Vec::with_capacity(scope_spans.len() + resource.len() + 16);
-        bytes_field(&mut resource_spans, 1, resource);
-        bytes_field(&mut resource_spans, 2, &scope_spans);
+        let resource_spans_len = field_len(resource.len()) + field_len(scope_spans_len);
         // ExportTraceServiceRequest { resource_spans = 1 }
-        let mut out = Vec::with_capacity(resource_spans.len() + 8);
-        bytes_field(&mut out, 1, &resource_spans);
+        let total = field_len(resource_spans_len);
+        let mut out = Vec::with_capacity(total);
+        tag(&mut out, 1, LEN);
+        varint(&mut out, resource_spans_len as u64);
+        bytes_field(&mut out, 1, resource);
+        tag(&mut out, 2, LEN);
+        varint(&mut out, scope_spans_len as u64);
+        tag(&mut out, 1, LEN);
+        varint(&mut out, scope_len as u64);
+        bytes_field(&mut out, 1, b"sidecar");
+        bytes_field(&mut out, 2, version.as_bytes());
+        out.extend_from_slice(&self.spans);
+        debug_assert_eq!(out.len(), total);
         self.spans.clear();
         self.count = 0;
         out

@@ -372,7 +372,9 @@ fn push(batch: &mut otlp::Batch, r: SpanRecord) {
             attrs.push(("url.query", Attr::Str(query)));
         }
         attrs.push(("url.scheme", Attr::Str(if r.tls { "https" } else { "http" })));
-        client_address = q.peer.ip().to_string();
+        let mut ip = Vec::with_capacity(15);
+        let _ = crate::telemetry::access_log::format::ip(&mut ip, q.peer.ip());
+        client_address = String::from_utf8(ip).unwrap_or_default();
         attrs.push(("client.address", Attr::Str(&client_address)));
         attrs.push(("client.port", Attr::Int(q.peer.port() as i64)));
     }

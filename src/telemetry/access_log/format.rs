@@ -49,9 +49,10 @@ pub(super) fn json(out: &mut Vec<u8>, r: &AccessRecord) -> std::io::Result<()> {
     out.extend_from_slice(b",\"peer\":\"");
     peer(out, r.peer)?;
     out.push(b'"');
+    let trace_id = r.trace_id.map(crate::telemetry::context::TraceHex::new);
     let optional = [
         (&b",\"peer_identity\":"[..], r.peer_identity.as_deref()),
-        (b",\"trace_id\":", r.trace_id.as_deref()),
+        (b",\"trace_id\":", trace_id.as_ref().map(|t| t.as_str())),
         (b",\"upstream\":", r.upstream.as_deref()),
         (b",\"error\":", r.error),
     ];
@@ -71,14 +72,25 @@ pub(super) fn json(out: &mut Vec<u8>, r: &AccessRecord) -> std::io::Result<()> {
 fn peer(out: &mut Vec<u8>, addr: std::net::SocketAddr) -> std::io::Result<()> {
     match addr {
         std::net::SocketAddr::V4(a) => {
-            for (i, octet) in a.ip().octets().iter().enumerate() {
+            ip(out, std::net::IpAddr::V4(*a.ip()))?;
+            out.push(b':');
+            int(out, u64::from(a.port()));
+            Ok(())
+        }
+        v6 => write!(out, "{v6}"),
+    }
+}
+
+/// An address as `Display` writes it, IPv4 without its formatting machinery.
+pub(crate) fn ip(out: &mut Vec<u8>, addr: std::net::IpAddr) -> std::io::Result<()> {
+    match addr {
+        std::net::IpAddr::V4(a) => {
+            for (i, octet) in a.octets().iter().enumerate() {
                 if i > 0 {
                     out.push(b'.');
                 }
                 int(out, u64::from(*octet));
             }
-            out.push(b':');
-            int(out, u64::from(a.port()));
             Ok(())
         }
         v6 => write!(out, "{v6}"),
@@ -148,10 +160,11 @@ pub(super) fn text(out: &mut impl Write, r: &AccessRecord) -> std::io::Result<()
         r.bytes_out,
         duration_ms(r)
     )?;
+    let trace_id = r.trace_id.map(crate::telemetry::context::TraceHex::new);
     let extra = [
         ("upstream", r.upstream.as_deref()),
         ("identity", r.peer_identity.as_deref()),
-        ("trace_id", r.trace_id.as_deref()),
+        ("trace_id", trace_id.as_ref().map(|t| t.as_str())),
         ("error", r.error),
     ];
     for (k, v) in extra {
