@@ -30,7 +30,9 @@ pub struct DemoAddrs {
     pub app: SocketAddr,
     /// The outbound (ambassador) listener the app would call.
     pub outbound: SocketAddr,
-    /// Two demo upstreams behind it: a steady one and a flaky one.
+    /// Two demo upstreams behind it: a steady one and a flaky one. Port 0 until
+    /// `start_app` binds them (ports the system picks: fixed ones next to the app's
+    /// collided with other programs' ephemeral ports).
     pub upstreams: [SocketAddr; 2],
     /// Where the demo's CA and certificates are written (replaced at every start).
     pub certs: std::path::PathBuf,
@@ -111,7 +113,7 @@ pub fn config(addrs: &DemoAddrs) -> Result<Config, config::ConfigError> {
 
 /// Starts the demo app and the two demo upstreams, each listening on its own address, on
 /// a thread of their own. Returns once they are listening.
-pub fn start_app(addrs: &DemoAddrs) -> std::io::Result<()> {
+pub fn start_app(addrs: &mut DemoAddrs) -> std::io::Result<()> {
     let bind = |addr: SocketAddr| {
         let l = std::net::TcpListener::bind(addr)
             .map_err(|e| std::io::Error::new(e.kind(), format!("binding {addr}: {e}")))?;
@@ -121,6 +123,7 @@ pub fn start_app(addrs: &DemoAddrs) -> std::io::Result<()> {
     let app = bind(addrs.app)?;
     let steady = bind(addrs.upstreams[0])?;
     let flaky = bind(addrs.upstreams[1])?;
+    addrs.upstreams = [steady.local_addr()?, flaky.local_addr()?];
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     std::thread::Builder::new().name("demo-app".into()).spawn(move || {
         runtime.block_on(async move {

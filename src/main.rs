@@ -58,7 +58,7 @@ enum Command {
         /// Where the admin server listens (/metrics, /ready, ...).
         #[arg(long, default_value = "127.0.0.1:15000")]
         admin: SocketAddr,
-        /// Where the demo app listens; the two demo upstreams take the next two ports.
+        /// Where the demo app listens; its two demo upstreams take ports the system picks.
         #[arg(long, default_value = "127.0.0.1:18080")]
         app: SocketAddr,
         /// Where the outbound (ambassador) listener the app would call listens.
@@ -106,8 +106,8 @@ fn main() -> ExitCode {
         Command::Check { config } => return check(config),
         Command::Demo { listen, https, mtls, admin, app, outbound } => {
             let certs = std::env::temp_dir().join(format!("sidecar-demo-{}", listen.port()));
-            let next = |n: u16| SocketAddr::new(app.ip(), app.port().wrapping_add(n));
-            let upstreams = [next(1), next(2)];
+            // Placeholders: `start_app` binds the upstreams on free ports and records them.
+            let upstreams = [SocketAddr::new(app.ip(), 0); 2];
             run_demo(demo::DemoAddrs { listen, https, mtls, admin, app, outbound, upstreams, certs })
         }
         Command::Certs { action } => certs(action),
@@ -184,11 +184,12 @@ fn run(path: PathBuf) -> anyhow::Result<Exit> {
     app::run(config, Some(path), Some(log))
 }
 
-fn run_demo(addrs: demo::DemoAddrs) -> anyhow::Result<Exit> {
+fn run_demo(mut addrs: demo::DemoAddrs) -> anyhow::Result<Exit> {
     demo::make_certs(&addrs).context("writing the demo's certificates")?;
+    // First: the config names the upstreams' ports, which binding chooses.
+    demo::start_app(&mut addrs).context("starting the demo app and upstreams")?;
     let config = demo::config(&addrs)?;
     let log = logging::init(&config.telemetry.log_level, LogFormat::Text)?;
-    demo::start_app(&addrs).context("starting the demo app and upstreams")?;
     eprintln!("{}", demo::banner(&addrs));
     app::run(config, None, Some(log))
 }

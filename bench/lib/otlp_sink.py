@@ -2,8 +2,12 @@
 """An OTLP/HTTP sink for the telemetry benchmark (BENCH_SIDECAR_TELEMETRY=on): it reads each
 export request whole and answers 200 with an empty ExportTraceServiceResponse (zero bytes of
 protobuf), without decoding, so that what is measured is the sidecar's cost of exporting, not
-the collector's. Prints `PORT <n>` once it listens; on SIGTERM prints `EXPORTS <n> BYTES <n>`."""
+the collector's. With BENCH_OTLP_SINK=hang it reads each request and never answers: the
+collector that hangs, for the p99 with tracing on and the collector stuck (issue 12).
+Prints `PORT <n>` once it listens; on SIGTERM prints `EXPORTS <n> BYTES <n>`."""
+import os
 import signal
+import time
 import sys
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -24,6 +28,8 @@ class Sink(BaseHTTPRequestHandler):
         with LOCK:
             COUNT["exports"] += 1
             COUNT["bytes"] += n
+        if os.environ.get("BENCH_OTLP_SINK") == "hang":
+            time.sleep(3600)
         self.send_response(200)
         self.send_header("Content-Type", "application/x-protobuf")
         self.send_header("Content-Length", "0")
