@@ -7,6 +7,7 @@
 //! app's protocol → the app's pool → the response streamed back, and when its body ends,
 //! metrics, the access-log record, and the app connection back to the pool.
 
+use std::borrow::Cow;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -14,7 +15,7 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
-use http::{HeaderValue, Method, Request, Response, StatusCode, Uri, Version, header};
+use http::{HeaderValue, Method, Request, Response, StatusCode, Version, header};
 use hyper::body::Incoming;
 use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
@@ -41,7 +42,7 @@ use crate::proxy::headers::{
 };
 use crate::proxy::pool::{H1Conn, Proto};
 use crate::proxy::{H2_CONNECTION_WINDOW, H2_MAX_SEND_BUF, H2_STREAM_WINDOW};
-use crate::telemetry::access_log::AccessRecord;
+use crate::telemetry::access_log::{AccessRecord, owned_path};
 use crate::telemetry::context::{Incoming as TraceIncoming, SpanContext, caller_trace_id};
 use crate::telemetry::spans::SpanRecord;
 use crate::tls::PeerIdentity;
@@ -249,7 +250,8 @@ struct RequestEnd {
     start: Instant,
     wall: SystemTime,
     method: Method,
-    uri: Option<Uri>,
+    /// The path and query, for the access log, the span and the admin page's errors.
+    path: Option<Cow<'static, str>>,
     version: Version,
     status: u16,
     trace_id: Option<u128>,
@@ -265,8 +267,8 @@ struct RequestEnd {
 struct Trace {
     span: SpanContext,
     incoming: TraceIncoming,
-    host: Option<HeaderValue>,
-    user_agent: Option<HeaderValue>,
+    host: Option<Box<str>>,
+    user_agent: Option<Box<str>>,
 }
 
 impl RequestEnd {
@@ -275,8 +277,11 @@ impl RequestEnd {
         let h = req.headers();
         let trace = l.tracer.start_span(h).map(|(span, incoming)| {
             let (host, user_agent) = if span.sampled {
-                let authority = || req.uri().authority().and_then(|a| HeaderValue::from_str(a.as_str()).ok());
-                (h.get(header::HOST).cloned().or_else(authority), h.get(header::USER_AGENT).cloned())
+                // Copied: see `AccessRecord::path`.
+                let text = |v: &HeaderValue| v.to_str().ok().map(Box::from);
+                let host = h.get(header::HOST).and_then(text);
+                let host = host.or_else(|| req.uri().authority().map(|a| a.as_str().into()));
+                (host, h.get(header::USER_AGENT).and_then(text))
             } else {
                 (None, None)
             };
@@ -296,7 +301,7 @@ impl RequestEnd {
             start: Instant::now(),
             wall: if recording { SystemTime::now() } else { SystemTime::UNIX_EPOCH },
             method: req.method().clone(),
-            uri: recording.then(|| req.uri().clone()),
+            path: recording.then(|| owned_path(req.uri())),
             version: req.version(),
             status: 0,
             trace_id,
@@ -327,7 +332,15 @@ impl OnEnd for RequestEnd {
                 direction: direction.as_str(),
                 listener: self.metrics.name.clone(),
                 method: self.method.to_string(),
-                path: self.uri.as_ref().map_or_else(String::new, |u| u.path().to_owned()),
+                // The path only: a query may carry what the page should not show.
+                path: self
+                    .path
+                    .as_deref()
+                    .unwrap_or_default()
+                    .split('?')
+                    .next()
+                    .unwrap_or_default()
+                    .to_owned(),
                 status: self.status,
                 error,
             });
@@ -341,7 +354,7 @@ impl OnEnd for RequestEnd {
             upstream: (direction == Direction::Outbound).then(|| self.metrics.name.clone()),
             listener: l.metrics.name.clone(),
             method: self.method,
-            uri: self.uri.unwrap_or_default(),
+            path: self.path.unwrap_or(Cow::Borrowed("/")),
             version: self.version,
             status: self.status,
             duration: elapsed,

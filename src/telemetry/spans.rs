@@ -50,8 +50,9 @@ pub struct SpanRecord {
     pub ctx: SpanContext,
     pub request: AccessRecord,
     /// The `Host` or `:authority` the client asked for: `server.address` of a server span.
-    pub host: Option<HeaderValue>,
-    pub user_agent: Option<HeaderValue>,
+    /// Copied, like the record's path, so nothing holds the connection's read buffer.
+    pub host: Option<Box<str>>,
+    pub user_agent: Option<Box<str>>,
     /// The client connection was TLS: `url.scheme` is `https`.
     pub tls: bool,
 }
@@ -352,10 +353,11 @@ fn push(batch: &mut otlp::Batch, r: SpanRecord) {
         attrs.push(("http.response.status_code", Attr::Int(q.status as i64)));
     }
     attrs.push(("network.protocol.version", Attr::Str(protocol_version(q.version))));
-    let host = r.host.as_ref().and_then(|h| h.to_str().ok());
+    let host = r.host.as_deref();
     let (address, port) = split_host(host);
     let upstream = q.upstream.as_deref().unwrap_or_default();
-    let path = q.uri.path_and_query().map_or("/", |p| p.as_str());
+    let path = &*q.path;
+    let (url_path, query) = path.split_once('?').map_or((path, None), |(p, q)| (p, Some(q)));
     let url_full;
     let client_address;
     if client {
@@ -367,8 +369,8 @@ fn push(batch: &mut otlp::Batch, r: SpanRecord) {
         if let Some(a) = address {
             attrs.push(("server.address", Attr::Str(a)));
         }
-        attrs.push(("url.path", Attr::Str(q.uri.path())));
-        if let Some(query) = q.uri.query() {
+        attrs.push(("url.path", Attr::Str(url_path)));
+        if let Some(query) = query {
             attrs.push(("url.query", Attr::Str(query)));
         }
         attrs.push(("url.scheme", Attr::Str(if r.tls { "https" } else { "http" })));
@@ -381,7 +383,7 @@ fn push(batch: &mut otlp::Batch, r: SpanRecord) {
     if let Some(p) = port {
         attrs.push(("server.port", Attr::Int(p as i64)));
     }
-    if let Some(ua) = r.user_agent.as_ref().and_then(|v| v.to_str().ok()) {
+    if let Some(ua) = r.user_agent.as_deref() {
         attrs.push(("user_agent.original", Attr::Str(ua)));
     }
     attrs.push(("http.request.body.size", Attr::Int(q.bytes_in as i64)));
