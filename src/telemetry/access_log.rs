@@ -83,6 +83,7 @@ pub struct AccessLog {
 struct Writer<W> {
     out: W,
     format: LogFormat,
+    stamps: format::Stamps,
     /// Where the lines go, for the operator: `stdout` or the file's path.
     dest: String,
     batch: Vec<u8>,
@@ -203,6 +204,7 @@ impl<W: Write> Writer<W> {
         Writer {
             out,
             format,
+            stamps: format::Stamps::default(),
             dest,
             batch: Vec::with_capacity(BATCH + 4096),
             ends: Vec::new(),
@@ -218,8 +220,8 @@ impl<W: Write> Writer<W> {
         }
         let start = self.batch.len();
         let written = match self.format {
-            LogFormat::Json => format::json(&mut self.batch, record),
-            LogFormat::Text => format::text(&mut self.batch, record),
+            LogFormat::Json => format::json(&mut self.batch, &mut self.stamps, record),
+            LogFormat::Text => format::text(&mut self.batch, &mut self.stamps, record),
         };
         if written.is_err() {
             // Formatting into memory cannot fail for these plain fields; were it to, the
@@ -439,7 +441,7 @@ pub(super) mod tests {
         let lost = Counter::default();
         let mut w = Writer::new(Flaky::default(), LogFormat::Json, "test".into(), lost.clone());
         let mut one = Vec::new();
-        format::json(&mut one, &record()).unwrap();
+        format::json(&mut one, &mut format::Stamps::default(), &record()).unwrap();
 
         // The first record and part of the second go out, then the disk is full.
         w.out.accept = Some(one.len() + 10);

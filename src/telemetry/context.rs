@@ -95,6 +95,10 @@ impl TraceHex {
     pub fn as_str(&self) -> &str {
         std::str::from_utf8(&self.0).expect("hex digits")
     }
+
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.0
+    }
 }
 
 /// Parent-based sampling with a ratio for new traces, as OpenTelemetry's
