@@ -5,14 +5,14 @@
 //! the framing guard → hyper serves it, supervised for header and idle timeouts and drain →
 //! each request: hop-by-hop headers out, forwarding headers in, target rewritten for the
 //! app's protocol → the app's pool → the response streamed back, and when its body ends,
-//! metrics, the access-log record, and the app connection back to the pool.
+//! metrics, the access-log record, the span, and the app connection back to the pool
+//! (`end`).
 
-use std::borrow::Cow;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::{HeaderValue, Method, Request, Response, StatusCode, Version, header};
@@ -24,28 +24,26 @@ use tokio::net::TcpStream;
 use tracing::Instrument as _;
 
 use super::ListenerCtx;
-use super::ListenerMetrics;
 use super::guard::{ConnState, Guard};
 use super::io::{DetectError, Detected, ServerIo, detect};
-use super::metrics::{Direction, Reject};
+use super::metrics::Reject;
 use super::sticky::Sticky;
 use super::supervise::{Ended, supervise};
-use crate::admin::ErrorEntry;
 use crate::config::{HttpVersion, Limits};
 use crate::drain::DrainWatch;
 use crate::outbound::route::{self, Route};
-use crate::proxy::body::{BodyStats, OnEnd, RequestBody, ResponseBody, Upstream};
+use crate::proxy::body::{RequestBody, ResponseBody, Upstream};
 use crate::proxy::error::ProxyError;
 use crate::proxy::headers::{
     Forwarding, X_CLIENT_IDENTITY, X_FORWARDED_CLIENT_CERT, sanitize_request, strip_hop_by_hop,
     to_absolute_form, to_origin_form, wants_upgrade,
 };
-use crate::proxy::pool::{H1Conn, Proto};
+use crate::proxy::pool::Proto;
 use crate::proxy::{H2_CONNECTION_WINDOW, H2_MAX_SEND_BUF, H2_STREAM_WINDOW};
-use crate::telemetry::access_log::{AccessRecord, owned_path};
-use crate::telemetry::context::{Incoming as TraceIncoming, SpanContext, caller_trace_id};
-use crate::telemetry::spans::SpanRecord;
 use crate::tls::PeerIdentity;
+use end::RequestEnd;
+
+mod end;
 
 type Body = ResponseBody<RequestEnd>;
 
@@ -239,143 +237,6 @@ fn classify(e: &hyper::Error, state: &ConnState) -> Option<Reject> {
         source = s.source();
     }
     None
-}
-
-/// The end of one request: metrics, the access-log record, the span, the app connection
-/// returned. Runs when the response body ends or is dropped, so durations include the body.
-struct RequestEnd {
-    conn: Arc<Conn>,
-    /// The listener's, or on a listener shared by upstreams, the chosen upstream's.
-    metrics: Arc<ListenerMetrics>,
-    start: Instant,
-    wall: SystemTime,
-    method: Method,
-    /// The path and query, for the access log, the span and the admin page's errors.
-    path: Option<Cow<'static, str>>,
-    version: Version,
-    status: u16,
-    trace_id: Option<u128>,
-    error: Option<&'static str>,
-    req_stats: Option<Arc<BodyStats>>,
-    /// With tracing on. Boxed: with it off, a request's end moves 8 bytes instead of ~150
-    /// (measured: 290 instructions a request).
-    trace: Option<Box<Trace>>,
-}
-
-/// The sidecar's span for a request, what the caller sent, and for a sampled span the
-/// `Host` and `User-Agent` read before the request is rewritten.
-struct Trace {
-    span: SpanContext,
-    incoming: TraceIncoming,
-    host: Option<Box<str>>,
-    user_agent: Option<Box<str>>,
-}
-
-impl RequestEnd {
-    fn new(req: &Request<Incoming>, conn: &Arc<Conn>) -> Self {
-        let l = &conn.listener;
-        let h = req.headers();
-        let trace = l.tracer.start_span(h).map(|(span, incoming)| {
-            let (host, user_agent) = if span.sampled {
-                // Copied: see `AccessRecord::path`.
-                let text = |v: &HeaderValue| v.to_str().ok().map(Box::from);
-                let host = h.get(header::HOST).and_then(text);
-                let host = host.or_else(|| req.uri().authority().map(|a| a.as_str().into()));
-                (host, h.get(header::USER_AGENT).and_then(text))
-            } else {
-                (None, None)
-            };
-            Box::new(Trace { span, incoming, host, user_agent })
-        });
-        let sampled = trace.as_ref().is_some_and(|t| t.span.sampled);
-        let logging = l.access_log.enabled();
-        let trace_id = match &trace {
-            Some(t) if logging => Some(t.span.trace_id),
-            None if logging => caller_trace_id(h),
-            _ => None,
-        };
-        let recording = logging || sampled;
-        RequestEnd {
-            conn: conn.clone(),
-            metrics: l.metrics.clone(),
-            start: Instant::now(),
-            wall: if recording { SystemTime::now() } else { SystemTime::UNIX_EPOCH },
-            method: req.method().clone(),
-            path: recording.then(|| owned_path(req.uri())),
-            version: req.version(),
-            status: 0,
-            trace_id,
-            error: None,
-            req_stats: None,
-            trace,
-        }
-    }
-}
-
-impl OnEnd for RequestEnd {
-    fn on_end(self, bytes_out: u64, complete: bool, reusable: Option<H1Conn>) {
-        let conn = &self.conn;
-        let elapsed = self.start.elapsed();
-        let sampled = self.trace.filter(|t| t.span.sampled);
-        self.metrics.request(self.status, elapsed, sampled.as_ref().map(|t| t.span.trace_id));
-        // Given only when both bodies went through whole and the app keeps it open;
-        // otherwise it was dropped, which closed it.
-        if let Some(app_conn) = reusable {
-            conn.sticky.keep(app_conn);
-        }
-        let l = &conn.listener;
-        let direction = self.metrics.direction();
-        let error = self.error.or((!complete).then_some("response_incomplete"));
-        if let Some(error) = error {
-            l.board.error(ErrorEntry {
-                ts: SystemTime::now(),
-                direction: direction.as_str(),
-                listener: self.metrics.name.clone(),
-                method: self.method.to_string(),
-                // The path only: a query may carry what the page should not show.
-                path: self
-                    .path
-                    .as_deref()
-                    .unwrap_or_default()
-                    .split('?')
-                    .next()
-                    .unwrap_or_default()
-                    .to_owned(),
-                status: self.status,
-                error,
-            });
-        }
-        if !l.access_log.enabled() && sampled.is_none() {
-            return;
-        }
-        let record = AccessRecord {
-            start: self.wall,
-            direction: direction.as_str(),
-            upstream: (direction == Direction::Outbound).then(|| self.metrics.name.clone()),
-            listener: l.metrics.name.clone(),
-            method: self.method,
-            path: self.path.unwrap_or(Cow::Borrowed("/")),
-            version: self.version,
-            status: self.status,
-            duration: elapsed,
-            bytes_in: self.req_stats.map_or(0, |s| s.bytes.load(Ordering::Relaxed)),
-            bytes_out,
-            peer: conn.peer,
-            peer_identity: conn.identity.as_ref().map(|i| i.id.clone()),
-            trace_id: self.trace_id,
-            error,
-        };
-        if let Some(t) = sampled {
-            let Trace { span: ctx, host, user_agent, .. } = *t;
-            let tls = l.tls.is_some();
-            let span = |request| SpanRecord { ctx, request, host, user_agent, tls };
-            if !l.access_log.enabled() {
-                return l.tracer.record(span(record));
-            }
-            l.tracer.record(span(record.clone()));
-        }
-        l.access_log.log(record);
-    }
 }
 
 /// A request ready to go to the app.
