@@ -488,6 +488,13 @@ class Sidecar:
         """Access-log records: the JSON objects on stdout that carry a `direction` field."""
         return json_lines(self.stdout_text(), key="direction")
 
+    def wait_access_log(self, pred=lambda rec: True, n: int = 1, timeout: float = 5) -> list[dict]:
+        """The access-log records that match pred, once there are at least n of them. Records are
+        written by a background thread a few milliseconds after the response, so a test that reads
+        the log right after a request must wait for them."""
+        return wait_until(lambda: (recs := [r for r in self.access_log() if pred(r)]) and len(recs) >= n and recs,
+                          timeout, what=f"{n} matching access-log record(s)")
+
     # --- process -----------------------------------------------------------------------
     def alive(self) -> bool:
         return self.proc.poll() is None

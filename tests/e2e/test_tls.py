@@ -333,8 +333,9 @@ def test_grpc_over_tls_unary_streaming_and_status(grpc_tls, pki, listener, cred)
         with pytest.raises(grpc.RpcError) as e:
             stub.Fail(pb2.Msg(text="nope", code=grpc.StatusCode.NOT_FOUND.value[0]), timeout=10)
         assert e.value.code() == grpc.StatusCode.NOT_FOUND and e.value.details() == "nope"
-    recs = [r for r in sc.access_log() if r.get("listener") == listener and "/e2e.Echo/" in str(r.get("path"))]
-    assert recs and all(r["protocol"] == "HTTP/2" for r in recs)
+    # Four calls above: Unary, ServerStream, Bidi, Fail.
+    recs = sc.wait_access_log(lambda r: r.get("listener") == listener and "/e2e.Echo/" in str(r.get("path")), n=4)
+    assert all(r["protocol"] == "HTTP/2" for r in recs)
     if cred:
         assert all(r["peer_identity"] == FRONTEND_ID for r in recs), recs
 

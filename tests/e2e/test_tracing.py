@@ -91,8 +91,8 @@ def test_a_callers_trace_is_continued_and_the_sidecars_span_is_the_apps_parent(h
     assert r["deployment.environment"] == "test"
     assert receiver.content_types == {"application/x-protobuf"}
 
-    log = [x for x in sc.access_log() if x.get("path") == "/headers"]
-    assert log and log[-1]["trace_id"] == CALLER_TRACE
+    log = sc.wait_access_log(lambda x: x.get("path") == "/headers")
+    assert log[-1]["trace_id"] == CALLER_TRACE
 
 
 @pytest.mark.parametrize("traceparent", [None, "00-zz-00f067aa0ba902b7-01", f"00-{CALLER_TRACE.upper()}-{CALLER_SPAN}-01",
