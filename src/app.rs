@@ -18,6 +18,7 @@ use crate::drain::Drain;
 use crate::files::FileWatcher;
 use crate::health;
 use crate::inbound::{Families, Inbound, Recorders};
+use crate::logship;
 use crate::readiness::Readiness;
 use crate::telemetry::{AccessLog, LogHandle, Tracer, metrics};
 
@@ -74,6 +75,7 @@ async fn serve(config: Config, path: Option<PathBuf>, log: Option<LogHandle>) ->
     let reload_metrics = ReloadMetrics::register(&mut registry);
     let access_log = AccessLog::start(&config.telemetry.access_log, &mut registry)?;
     let tracer = Tracer::start(config.telemetry.tracing.as_ref(), &mut registry)?;
+    let logship_metrics = logship::Metrics::register(&mut registry);
     let histograms = listener_metrics.histograms();
     let exposition = Arc::new(metrics::Exposition::new(Arc::new(registry), histograms, started));
     let board = Arc::new(Board::default());
@@ -108,6 +110,8 @@ async fn serve(config: Config, path: Option<PathBuf>, log: Option<LogHandle>) ->
         drain_watch.clone(),
     );
     inbound.apply(&config)?;
+    let mut shipping = logship::Slot::new(logship_metrics, files.clone());
+    shipping.apply(config.logship.as_ref(), config.shutdown.drain_timeout).await?;
     inbound_ready.set(true);
     tokio::spawn(health::run(config_rx, app_ready, app_ready_gauge, drain_watch));
 
@@ -124,13 +128,13 @@ async fn serve(config: Config, path: Option<PathBuf>, log: Option<LogHandle>) ->
             _ = sighup.recv() => {
                 if let Some(r) = &mut reloader {
                     tracing::info!("SIGHUP: reloading the config");
-                    r.reload(&mut inbound).await;
+                    r.reload(&mut inbound, &mut shipping).await;
                 }
             }
             true = reload::file_changed(&mut reloader) => {
                 if let Some(r) = &mut reloader {
                     tracing::info!(file = %r.path().display(), "config file changed: reloading");
-                    r.reload(&mut inbound).await;
+                    r.reload(&mut inbound, &mut shipping).await;
                 }
             }
         }
@@ -141,6 +145,8 @@ async fn serve(config: Config, path: Option<PathBuf>, log: Option<LogHandle>) ->
     tracing::info!(signal = why, timeout = ?drain_timeout, "draining: not ready, no new connections, finishing requests in flight");
     readiness.set_draining();
     drain.start();
+    // The shipper sends what it read and checkpoints while the proxy drains, side by side.
+    let shipped = tokio::task::spawn_blocking(move || shipping.stop(drain_timeout));
     files.stop();
     // Our own handles would keep the drain waiting for ever.
     drop(inbound);
@@ -161,6 +167,7 @@ async fn serve(config: Config, path: Option<PathBuf>, log: Option<LogHandle>) ->
     if exit == Exit::Forced {
         tracing::warn!(left = drain.remaining(), "second signal: exiting now");
     } else {
+        let _ = shipped.await;
         // The spans of the requests the drain finished.
         let flush = tracer.clone();
         let _ = tokio::task::spawn_blocking(move || flush.shutdown(SPAN_FLUSH)).await;

@@ -14,6 +14,7 @@ use serde_yaml_ng::Value;
 pub mod admin;
 pub mod app;
 pub mod inbound;
+pub mod logship;
 pub mod outbound;
 mod parse;
 pub mod runtime;
@@ -23,6 +24,7 @@ pub mod telemetry;
 pub use admin::AdminConfig;
 pub use app::{AppConfig, HealthConfig, HttpVersion};
 pub use inbound::{InboundConfig, InboundTls, Limits, Protocol};
+pub use logship::LogshipConfig;
 pub use outbound::{
     Balance, EndpointName, OutboundConfig, OutlierConfig, RetryConfig, UpstreamConfig, UpstreamTls,
 };
@@ -44,6 +46,7 @@ pub struct Config {
     pub app: AppConfig,
     pub inbound: Vec<InboundConfig>,
     pub outbound: Vec<OutboundConfig>,
+    pub logship: Option<LogshipConfig>,
     pub telemetry: TelemetryConfig,
     pub shutdown: ShutdownConfig,
     pub runtime: RuntimeConfig,
@@ -93,8 +96,7 @@ struct RawConfig {
     inbound: Vec<inbound::RawInbound>,
     outbound: Vec<outbound::RawOutbound>,
     telemetry: telemetry::RawTelemetry,
-    /// Not built yet; any value, kept only to refuse it.
-    logship: Option<Value>,
+    logship: Option<logship::RawLogship>,
     shutdown: shutdown::RawShutdown,
     runtime: runtime::RawRuntime,
 }
@@ -263,20 +265,18 @@ fn validate(raw: RawConfig, problems: &mut Vec<Problem>) -> Config {
     // Refused rather than ignored: a file written for a later build must not run here
     // without what it asks for.
     let outbound = outbound::validate(raw.outbound, &mut cx, admin.listen, &inbound);
-    if inbound.is_empty() && outbound.is_empty() {
+    let logship = raw.logship.map(|l| logship::validate(l, &mut cx));
+    if inbound.is_empty() && outbound.is_empty() && logship.is_none() {
         cx.bad(
             "",
-            "nothing to do: at least one `inbound` or `outbound` listener is needed, for example \
-             `inbound: [{ name: web, listen: 0.0.0.0:15006 }]` (`logship` is not in this build yet)",
+            "nothing to do: at least one of `inbound`, `outbound` or `logship` is needed, for example \
+             `inbound: [{ name: web, listen: 0.0.0.0:15006 }]`",
         );
-    }
-    if raw.logship.is_some() {
-        cx.bad("logship", "log shipping is not in this build yet; remove `logship`");
     }
     let telemetry = telemetry::validate(raw.telemetry, &mut cx);
     let shutdown = shutdown::validate(raw.shutdown, &mut cx);
     let runtime = runtime::validate(raw.runtime, &mut cx);
-    Config { admin, app, inbound, outbound, telemetry, shutdown, runtime }
+    Config { admin, app, inbound, outbound, logship, telemetry, shutdown, runtime }
 }
 
 #[cfg(test)]
@@ -353,9 +353,9 @@ shutdown: { drain_timeout: 5 }
     fn unbuilt_sections_and_bad_values_are_refused_each_at_its_own_path() {
         for (section, path, message) in [
             (
-                "logship: { sources: [] }",
-                "logship",
-                "log shipping is not in this build yet; remove `logship`",
+                "logship: { checkpoint_dir: /tmp/x, read_from: middle, sources: [{ name: app, paths: [/a/*.log] }], sinks: [{ name: s, type: http, endpoint: \"http://x\" }] }",
+                "logship.read_from",
+                "unknown variant `middle`, expected `beginning` or `end`",
             ),
             (
                 "telemetry: { tracing: { otlp_endpoint: \"grpc://collector:4317\" } }",

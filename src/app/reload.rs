@@ -15,6 +15,7 @@ use tokio::sync::watch;
 use crate::config::{self, Config};
 use crate::files::{FileWatcher, Watch};
 use crate::inbound::Inbound;
+use crate::logship;
 use crate::telemetry::LogHandle;
 
 /// How long the file must stay the same before it is read: an editor or `kubectl cp`
@@ -83,8 +84,8 @@ impl Reloader {
         &self.current
     }
 
-    pub async fn reload(&mut self, inbound: &mut Inbound) {
-        match self.try_reload(inbound).await {
+    pub async fn reload(&mut self, inbound: &mut Inbound, shipping: &mut logship::Slot) {
+        match self.try_reload(inbound, shipping).await {
             Ok(changed) => {
                 let what = if changed { "config reloaded" } else { "config unchanged" };
                 tracing::info!(file = %self.path.display(), "{what}");
@@ -99,7 +100,11 @@ impl Reloader {
         }
     }
 
-    async fn try_reload(&mut self, inbound: &mut Inbound) -> anyhow::Result<bool> {
+    async fn try_reload(
+        &mut self,
+        inbound: &mut Inbound,
+        shipping: &mut logship::Slot,
+    ) -> anyhow::Result<bool> {
         let path = self.path.clone();
         // Off the data plane's workers: the volume may be slow.
         let new = tokio::task::spawn_blocking(move || config::load(&path)).await??;
@@ -108,6 +113,7 @@ impl Reloader {
         }
         warn_restart_needed(&self.current, &new, &self.path);
         inbound.apply(&new)?;
+        shipping.apply(new.logship.as_ref(), new.shutdown.drain_timeout).await?;
         if new.telemetry.log_level != self.current.telemetry.log_level
             && let Some(log) = &self.log
         {

@@ -112,14 +112,14 @@ fn int(out: &mut Vec<u8>, v: u64) {
 /// Timestamps in RFC 3339, UTC, with milliseconds, as humantime writes them; the date and
 /// time of day are formatted once a second, not once a record.
 #[derive(Default)]
-pub(super) struct Stamps {
+pub(crate) struct Stamps {
     second: Option<u64>,
     /// `YYYY-MM-DDTHH:MM:SS` of `second`.
     prefix: Vec<u8>,
 }
 
 impl Stamps {
-    fn write(&mut self, out: &mut Vec<u8>, t: std::time::SystemTime) {
+    pub(crate) fn write(&mut self, out: &mut Vec<u8>, t: std::time::SystemTime) {
         let since = t.duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
         if self.second != Some(since.as_secs()) {
             let whole = std::time::UNIX_EPOCH + std::time::Duration::from_secs(since.as_secs());
@@ -141,7 +141,7 @@ impl Stamps {
 }
 
 /// A JSON string: quotes, backslashes and control characters escaped (RFC 8259 §7).
-fn string(out: &mut Vec<u8>, s: &str) {
+pub(crate) fn string(out: &mut Vec<u8>, s: &str) {
     out.push(b'"');
     let bytes = s.as_bytes();
     // Almost always nothing to escape: one branch-free pass (which vectorizes) says so.

@@ -1,0 +1,582 @@
+//! The `logship` section: which files to tail, where their lines go, and how hard to try.
+//!
+//! Not responsible for reading files or sending (`crate::logship`).
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use super::UpstreamTls;
+use super::parse::{Ctx, Scalar, duration_str, parse_size};
+use super::telemetry::Redacted;
+
+/// A second: a new file is shipped soon after it appears, and 1,000 files cost 1,000 `stat`s
+/// a second, nothing.
+pub const DEFAULT_SCAN_INTERVAL: Duration = Duration::from_secs(1);
+/// As Fluent Bit's `rotate_wait`: an app that is slow to reopen its file after a rename keeps
+/// writing to the old one for a moment.
+pub const DEFAULT_ROTATE_WAIT: Duration = Duration::from_secs(5);
+/// Vector's and Fluent Bit's default: a stack trace fits, a runaway line cannot eat memory.
+pub const DEFAULT_MAX_LINE_BYTES: u64 = 1 << 20;
+pub const DEFAULT_MULTILINE_TIMEOUT: Duration = Duration::from_secs(1);
+/// Loki's and Elasticsearch's own advice is requests of a few MiB at most; 1 MiB keeps a
+/// retry cheap.
+pub const DEFAULT_BATCH_MAX_BYTES: u64 = 1 << 20;
+pub const DEFAULT_BATCH_MAX_EVENTS: usize = 10_000;
+pub const DEFAULT_BATCH_TIMEOUT: Duration = Duration::from_secs(1);
+pub const DEFAULT_INITIAL_BACKOFF: Duration = Duration::from_millis(200);
+/// A sink back after an outage is found within 10 s.
+pub const DEFAULT_MAX_BACKOFF: Duration = Duration::from_secs(10);
+pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+pub const DEFAULT_ES_INDEX: &str = "logs";
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub(super) struct RawLogship {
+    checkpoint_dir: Option<PathBuf>,
+    read_from: Option<ReadFrom>,
+    scan_interval: Option<Scalar>,
+    rotate_wait: Option<Scalar>,
+    sources: Vec<RawSource>,
+    sinks: Vec<RawSink>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawSource {
+    name: Option<String>,
+    paths: Vec<String>,
+    exclude: Vec<String>,
+    format: Option<SourceFormat>,
+    multiline: Option<RawMultiline>,
+    max_line_bytes: Option<Scalar>,
+    fields: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawMultiline {
+    start_pattern: Option<String>,
+    timeout: Option<Scalar>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawSink {
+    name: Option<String>,
+    #[serde(rename = "type")]
+    kind: Option<SinkKind>,
+    endpoint: Option<String>,
+    headers: BTreeMap<String, String>,
+    token: Option<String>,
+    token_file: Option<PathBuf>,
+    user: Option<String>,
+    password: Option<String>,
+    password_file: Option<PathBuf>,
+    compression: Option<Compression>,
+    encoding: Option<LokiEncoding>,
+    labels: BTreeMap<String, String>,
+    index: Option<String>,
+    service_name: Option<String>,
+    batch: RawBatch,
+    retry: RawSinkRetry,
+    request_timeout: Option<Scalar>,
+    when_full: Option<WhenFull>,
+    dead_letter: Option<PathBuf>,
+    tls: Option<RawSinkTls>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawBatch {
+    max_events: Option<usize>,
+    max_bytes: Option<Scalar>,
+    timeout: Option<Scalar>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawSinkRetry {
+    initial_backoff: Option<Scalar>,
+    max_backoff: Option<Scalar>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawSinkTls {
+    ca: Option<PathBuf>,
+    cert: Option<PathBuf>,
+    key: Option<PathBuf>,
+    server_name: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ReadFrom {
+    Beginning,
+    End,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SourceFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SinkKind {
+    Http,
+    Loki,
+    Elasticsearch,
+    Otlp,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Compression {
+    None,
+    Gzip,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LokiEncoding {
+    Protobuf,
+    Json,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WhenFull {
+    /// Reading pauses until the sink catches up: nothing is lost.
+    Block,
+    /// The sink skips what it has no room for (counted); the others still get it.
+    DropNewest,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct LogshipConfig {
+    pub checkpoint_dir: PathBuf,
+    pub read_from: ReadFrom,
+    #[serde(with = "duration_str")]
+    pub scan_interval: Duration,
+    #[serde(with = "duration_str")]
+    pub rotate_wait: Duration,
+    pub sources: Vec<SourceConfig>,
+    pub sinks: Vec<SinkConfig>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct SourceConfig {
+    pub name: String,
+    pub paths: Vec<String>,
+    pub exclude: Vec<String>,
+    pub format: SourceFormat,
+    pub multiline: Option<Multiline>,
+    pub max_line_bytes: u64,
+    pub fields: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Multiline {
+    /// A line matching this starts an event; the others are joined to the one before.
+    pub start_pattern: String,
+    /// The last event is sent this long after its last line came, if no new start came.
+    #[serde(with = "duration_str")]
+    pub timeout: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct SinkConfig {
+    pub name: String,
+    #[serde(rename = "type")]
+    pub kind: SinkKind,
+    /// Where requests go: the base URL with the kind's path added (see `request_url`).
+    pub endpoint: String,
+    pub headers: Redacted,
+    pub auth: Auth,
+    pub compression: Compression,
+    pub encoding: LokiEncoding,
+    pub labels: BTreeMap<String, String>,
+    pub index: String,
+    pub service_name: Option<String>,
+    pub max_events: usize,
+    pub max_bytes: usize,
+    #[serde(with = "duration_str")]
+    pub batch_timeout: Duration,
+    #[serde(with = "duration_str")]
+    pub initial_backoff: Duration,
+    #[serde(with = "duration_str")]
+    pub max_backoff: Duration,
+    #[serde(with = "duration_str")]
+    pub request_timeout: Duration,
+    pub when_full: WhenFull,
+    pub dead_letter: PathBuf,
+    pub tls: Option<UpstreamTls>,
+}
+
+/// Credentials: what `/config` shows is only which kind and where from.
+#[derive(Clone, PartialEq, Default)]
+pub enum Auth {
+    #[default]
+    None,
+    Bearer(Secret),
+    Basic {
+        user: String,
+        password: Secret,
+    },
+}
+
+/// A secret written in the config or kept in a file (read at each start of the shipper, so a
+/// rotated Secret volume is picked up by a reload).
+#[derive(Clone, PartialEq)]
+pub enum Secret {
+    Inline(String),
+    File(PathBuf),
+}
+
+impl Secret {
+    pub fn read(&self) -> std::io::Result<String> {
+        match self {
+            Secret::Inline(s) => Ok(s.clone()),
+            Secret::File(p) => Ok(std::fs::read_to_string(p)?.trim_end().to_owned()),
+        }
+    }
+}
+
+impl std::fmt::Debug for Auth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Auth::None => "none",
+            Auth::Bearer(_) => "bearer <redacted>",
+            Auth::Basic { .. } => "basic <redacted>",
+        })
+    }
+}
+
+impl Serialize for Auth {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let shown = |secret: &Secret| match secret {
+            Secret::Inline(_) => "<redacted>".to_owned(),
+            Secret::File(p) => format!("<redacted, from {}>", p.display()),
+        };
+        let mut map = BTreeMap::new();
+        match self {
+            Auth::None => return s.serialize_none(),
+            Auth::Bearer(t) => {
+                map.insert("token", shown(t));
+            }
+            Auth::Basic { user, password } => {
+                map.insert("user", user.clone());
+                map.insert("password", shown(password));
+            }
+        }
+        map.serialize(s)
+    }
+}
+
+impl SinkConfig {
+    /// The URL requests are POSTed to: an `http` sink's endpoint as written; for the others,
+    /// a base URL (path `/`) gets the API's path, and a URL with a path is used as written
+    /// (behind a gateway that maps it).
+    pub fn request_url(&self) -> String {
+        let path = match self.kind {
+            SinkKind::Http => return self.endpoint.clone(),
+            SinkKind::Loki => "/loki/api/v1/push",
+            SinkKind::Elasticsearch => "/_bulk",
+            SinkKind::Otlp => "/v1/logs",
+        };
+        match self.endpoint.parse::<http::Uri>() {
+            Ok(u) if u.path() == "/" && u.query().is_none() => {
+                format!("{}{path}", self.endpoint.trim_end_matches('/'))
+            }
+            _ => self.endpoint.clone(),
+        }
+    }
+}
+
+pub(super) fn validate(raw: RawLogship, cx: &mut Ctx) -> LogshipConfig {
+    let checkpoint_dir = raw.checkpoint_dir.unwrap_or_else(|| {
+        cx.bad("logship.checkpoint_dir", "missing: a directory that survives restarts (an emptyDir of the pod), for example /var/lib/sidecar");
+        PathBuf::new()
+    });
+    if raw.sources.is_empty() {
+        cx.bad(
+            "logship.sources",
+            "at least one source is needed: { name: app, paths: [\"/var/log/app/*.log\"] }",
+        );
+    }
+    if raw.sinks.is_empty() {
+        cx.bad("logship.sinks", "at least one sink is needed: { name: out, type: http, endpoint: \"http://collector:8080/logs\" }");
+    }
+    let sources: Vec<SourceConfig> =
+        raw.sources.into_iter().enumerate().map(|(i, s)| validate_source(s, i, cx)).collect();
+    let sinks: Vec<SinkConfig> =
+        raw.sinks.into_iter().enumerate().map(|(i, s)| validate_sink(s, i, &checkpoint_dir, cx)).collect();
+    unique_names(cx, "logship.sources", sources.iter().map(|s| s.name.as_str()));
+    unique_names(cx, "logship.sinks", sinks.iter().map(|s| s.name.as_str()));
+    LogshipConfig {
+        checkpoint_dir,
+        read_from: raw.read_from.unwrap_or(ReadFrom::Beginning),
+        scan_interval: cx.positive_duration(
+            "logship.scan_interval",
+            raw.scan_interval.as_ref(),
+            DEFAULT_SCAN_INTERVAL,
+        ),
+        rotate_wait: cx.duration("logship.rotate_wait", raw.rotate_wait.as_ref(), DEFAULT_ROTATE_WAIT),
+        sources,
+        sinks,
+    }
+}
+
+fn unique_names<'a>(cx: &mut Ctx, at: &str, names: impl Iterator<Item = &'a str>) {
+    let mut seen = std::collections::HashSet::new();
+    for (i, name) in names.enumerate() {
+        if !name.is_empty() && !seen.insert(name) {
+            cx.bad(format!("{at}[{i}].name"), format!("`{name}` is used twice"));
+        }
+    }
+}
+
+fn name(cx: &mut Ctx, at: &str, name: Option<String>) -> String {
+    match name {
+        Some(n) if !n.is_empty() && n.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) => n,
+        Some(n) => {
+            cx.bad(
+                format!("{at}.name"),
+                format!("`{n}` is not a name: letters, digits, `-`, `_` and `.` only"),
+            );
+            n
+        }
+        None => {
+            cx.bad(format!("{at}.name"), "missing");
+            String::new()
+        }
+    }
+}
+
+fn size(cx: &mut Ctx, path: &str, raw: Option<&Scalar>, default: u64) -> u64 {
+    match raw.map(parse_size) {
+        None => default,
+        Some(Ok(0)) => {
+            cx.bad(path, "must be more than 0");
+            default
+        }
+        Some(Ok(n)) => n,
+        Some(Err(m)) => {
+            cx.bad(path, m);
+            default
+        }
+    }
+}
+
+fn validate_source(raw: RawSource, i: usize, cx: &mut Ctx) -> SourceConfig {
+    let at = format!("logship.sources[{i}]");
+    let name = name(cx, &at, raw.name);
+    if raw.paths.is_empty() {
+        cx.bad(format!("{at}.paths"), "missing: globs of the files to tail, like /var/log/app/*.log");
+    }
+    for (j, p) in raw.paths.iter().chain(&raw.exclude).enumerate() {
+        let field = if j < raw.paths.len() {
+            format!("paths[{j}]")
+        } else {
+            format!("exclude[{}]", j - raw.paths.len())
+        };
+        if let Err(e) = glob::Pattern::new(p) {
+            cx.bad(format!("{at}.{field}"), format!("`{p}` is not a glob: {e}"));
+        } else if j < raw.paths.len() && !p.starts_with('/') {
+            cx.bad(format!("{at}.{field}"), format!("`{p}` is not an absolute path"));
+        }
+    }
+    let multiline = raw.multiline.map(|m| {
+        let start_pattern = m.start_pattern.unwrap_or_else(|| {
+            cx.bad(
+                format!("{at}.multiline.start_pattern"),
+                "missing: a regular expression that matches the first line of an event, like '^\\S'",
+            );
+            String::new()
+        });
+        if let Err(e) = regex::bytes::Regex::new(&start_pattern) {
+            let first = e.to_string().lines().last().unwrap_or_default().trim().to_owned();
+            cx.bad(
+                format!("{at}.multiline.start_pattern"),
+                format!("`{start_pattern}` is not a regular expression: {first}"),
+            );
+        }
+        Multiline {
+            start_pattern,
+            timeout: cx.positive_duration(
+                &format!("{at}.multiline.timeout"),
+                m.timeout.as_ref(),
+                DEFAULT_MULTILINE_TIMEOUT,
+            ),
+        }
+    });
+    SourceConfig {
+        name,
+        paths: raw.paths,
+        exclude: raw.exclude,
+        format: raw.format.unwrap_or(SourceFormat::Text),
+        multiline,
+        max_line_bytes: size(
+            cx,
+            &format!("{at}.max_line_bytes"),
+            raw.max_line_bytes.as_ref(),
+            DEFAULT_MAX_LINE_BYTES,
+        ),
+        fields: raw.fields,
+    }
+}
+
+fn validate_sink(raw: RawSink, i: usize, checkpoint_dir: &std::path::Path, cx: &mut Ctx) -> SinkConfig {
+    let at = format!("logship.sinks[{i}]");
+    let name = name(cx, &at, raw.name);
+    let kind = raw.kind.unwrap_or_else(|| {
+        cx.bad(format!("{at}.type"), "missing: http, loki, elasticsearch or otlp");
+        SinkKind::Http
+    });
+    let endpoint = raw.endpoint.unwrap_or_default();
+    match endpoint.parse::<http::Uri>() {
+        Ok(u) if matches!(u.scheme_str(), Some("http" | "https")) && u.host().is_some() => {}
+        _ if endpoint.is_empty() => cx.bad(format!("{at}.endpoint"), "missing: the receiver's URL"),
+        _ => cx.bad(format!("{at}.endpoint"), format!("`{endpoint}` is not an http:// or https:// URL")),
+    }
+    for header in raw.headers.keys() {
+        if http::HeaderName::from_bytes(header.as_bytes()).is_err() {
+            cx.bad(format!("{at}.headers.{header}"), "not a header name");
+        }
+    }
+    let token = match (raw.token, raw.token_file) {
+        (Some(_), Some(_)) => {
+            cx.bad(format!("{at}.token_file"), "set `token` or `token_file`, not both");
+            None
+        }
+        (Some(t), None) => Some(Secret::Inline(t)),
+        (None, Some(f)) => Some(Secret::File(f)),
+        (None, None) => None,
+    };
+    let password = match (raw.password, raw.password_file) {
+        (Some(_), Some(_)) => {
+            cx.bad(format!("{at}.password_file"), "set `password` or `password_file`, not both");
+            None
+        }
+        (Some(p), None) => Some(Secret::Inline(p)),
+        (None, Some(f)) => Some(Secret::File(f)),
+        (None, None) => None,
+    };
+    let auth = match (token, raw.user, password) {
+        (None, None, None) => Auth::None,
+        (Some(t), None, None) => Auth::Bearer(t),
+        (None, Some(user), password) => {
+            Auth::Basic { user, password: password.unwrap_or(Secret::Inline(String::new())) }
+        }
+        (None, None, Some(_)) => {
+            cx.bad(format!("{at}.user"), "missing: a password needs a user");
+            Auth::None
+        }
+        (Some(_), ..) => {
+            cx.bad(format!("{at}.token"), "a sink takes a bearer token or a user and password, not both");
+            Auth::None
+        }
+    };
+    let only = |cx: &mut Ctx, field: &str, set: bool, kind_needed: SinkKind| {
+        if set && kind != kind_needed {
+            cx.bad(format!("{at}.{field}"), format!("only for `type: {}` sinks", serde_name(kind_needed)));
+        }
+    };
+    only(cx, "encoding", raw.encoding.is_some(), SinkKind::Loki);
+    only(cx, "labels", !raw.labels.is_empty(), SinkKind::Loki);
+    only(cx, "index", raw.index.is_some(), SinkKind::Elasticsearch);
+    only(cx, "service_name", raw.service_name.is_some(), SinkKind::Otlp);
+    for label in raw.labels.keys() {
+        let ok = label
+            .chars()
+            .enumerate()
+            .all(|(j, c)| c == '_' || c.is_ascii_alphabetic() || (j > 0 && c.is_ascii_digit()));
+        if !ok || label.is_empty() {
+            cx.bad(
+                format!("{at}.labels.{label}"),
+                "not a Loki label name: letters, digits and `_`, not starting with a digit",
+            );
+        }
+    }
+    let max_events = match raw.batch.max_events {
+        Some(0) => {
+            cx.bad(format!("{at}.batch.max_events"), "must be at least 1");
+            DEFAULT_BATCH_MAX_EVENTS
+        }
+        v => v.unwrap_or(DEFAULT_BATCH_MAX_EVENTS),
+    };
+    let initial_backoff = cx.positive_duration(
+        &format!("{at}.retry.initial_backoff"),
+        raw.retry.initial_backoff.as_ref(),
+        DEFAULT_INITIAL_BACKOFF,
+    );
+    let max_backoff = cx.positive_duration(
+        &format!("{at}.retry.max_backoff"),
+        raw.retry.max_backoff.as_ref(),
+        DEFAULT_MAX_BACKOFF,
+    );
+    if max_backoff < initial_backoff {
+        cx.bad(format!("{at}.retry.max_backoff"), "is shorter than `initial_backoff`");
+    }
+    let tls = raw.tls.map(|t| UpstreamTls {
+        ca: t.ca,
+        cert: t.cert,
+        key: t.key,
+        server_name: t.server_name,
+        identity: None,
+    });
+    if tls.is_some() && !endpoint.starts_with("https://") {
+        cx.bad(format!("{at}.tls"), "set, but the endpoint is not https://");
+    }
+    let dead_letter =
+        raw.dead_letter.unwrap_or_else(|| checkpoint_dir.join("dead-letter").join(format!("{name}.ndjson")));
+    SinkConfig {
+        kind,
+        endpoint,
+        headers: Redacted(raw.headers),
+        auth,
+        compression: raw.compression.unwrap_or(Compression::None),
+        encoding: raw.encoding.unwrap_or(LokiEncoding::Protobuf),
+        labels: raw.labels,
+        index: raw.index.unwrap_or_else(|| DEFAULT_ES_INDEX.to_owned()),
+        service_name: raw.service_name,
+        max_events,
+        max_bytes: size(
+            cx,
+            &format!("{at}.batch.max_bytes"),
+            raw.batch.max_bytes.as_ref(),
+            DEFAULT_BATCH_MAX_BYTES,
+        ) as usize,
+        batch_timeout: cx.positive_duration(
+            &format!("{at}.batch.timeout"),
+            raw.batch.timeout.as_ref(),
+            DEFAULT_BATCH_TIMEOUT,
+        ),
+        initial_backoff,
+        max_backoff,
+        request_timeout: cx.positive_duration(
+            &format!("{at}.request_timeout"),
+            raw.request_timeout.as_ref(),
+            DEFAULT_REQUEST_TIMEOUT,
+        ),
+        when_full: raw.when_full.unwrap_or(WhenFull::Block),
+        dead_letter,
+        tls,
+        name,
+    }
+}
+
+fn serde_name(kind: SinkKind) -> &'static str {
+    match kind {
+        SinkKind::Http => "http",
+        SinkKind::Loki => "loki",
+        SinkKind::Elasticsearch => "elasticsearch",
+        SinkKind::Otlp => "otlp",
+    }
+}

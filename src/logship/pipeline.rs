@@ -1,0 +1,214 @@
+//! The shipper's loop: read a chunk, hand it to every sink, and move the checkpoint once
+//! every sink is done with it.
+//!
+//! Backpressure is the channels: each sink's holds a few chunks, and a full one makes the
+//! loop wait (reading pauses, the file is the buffer), unless the sink is `drop_newest`.
+//! Memory is bounded by sinks × (queue + one batch) × chunk size, whatever the sinks do.
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::{mpsc, watch};
+use tokio::time::Instant;
+
+use super::checkpoint::Writer;
+use super::metrics::SinkMetrics;
+use super::record::Chunk;
+use super::tail::{CHUNK_BYTES, Progress, Tail};
+use crate::config::logship::WhenFull;
+
+/// How long an idle loop sleeps before looking at the files again.
+const POLL: Duration = Duration::from_millis(100);
+/// Chunks waiting for each sink: with 1 MiB chunks, 4 MiB a sink.
+pub const QUEUE_CHUNKS: usize = 4;
+
+/// Which chunks each sink is done with, and the checkpoint that follows.
+pub struct Acks {
+    state: Mutex<AckState>,
+    progress: Arc<Mutex<Progress>>,
+}
+
+#[derive(Default)]
+struct AckState {
+    /// `seq` of `outstanding[0]`.
+    front: u64,
+    /// Per chunk in order: sinks not done yet, and where it takes the files.
+    outstanding: VecDeque<(usize, Vec<(u64, u64)>)>,
+}
+
+impl Acks {
+    pub fn new(progress: Arc<Mutex<Progress>>) -> Arc<Acks> {
+        Arc::new(Acks { state: Mutex::new(AckState { front: 1, outstanding: VecDeque::new() }), progress })
+    }
+
+    fn register(&self, seq: u64, sinks: usize, ends: Vec<(u64, u64)>) {
+        let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        debug_assert_eq!(seq, s.front + s.outstanding.len() as u64);
+        s.outstanding.push_back((sinks, ends));
+        drop(s);
+        self.settle();
+    }
+
+    /// One sink is done with chunk `seq`.
+    pub fn done(&self, seq: u64) {
+        let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(i) = seq.checked_sub(s.front) else { return };
+        if let Some((left, _)) = s.outstanding.get_mut(i as usize) {
+            *left = left.saturating_sub(1);
+        }
+        drop(s);
+        self.settle();
+    }
+
+    /// Chunks every sink is done with, in order, move the checkpoint. A chunk still at one
+    /// sink holds back the ones after it, even those every sink has: the checkpoint is a
+    /// single offset per file.
+    fn settle(&self) {
+        let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        while s.outstanding.front().is_some_and(|(left, _)| *left == 0) {
+            let (_, ends) = s.outstanding.pop_front().expect("checked");
+            s.front += 1;
+            self.progress.lock().unwrap_or_else(|e| e.into_inner()).delivered(&ends);
+        }
+    }
+}
+
+/// A running sink as the loop sees it.
+pub struct SinkHandle {
+    pub tx: mpsc::Sender<Arc<Chunk>>,
+    pub when_full: WhenFull,
+    pub metrics: SinkMetrics,
+    pub task: tokio::task::JoinHandle<()>,
+}
+
+/// The loop's parts.
+pub struct Pipeline {
+    pub tail: Tail,
+    pub sinks: Vec<SinkHandle>,
+    pub acks: Arc<Acks>,
+    pub progress: Arc<Mutex<Progress>>,
+    pub writer: Writer,
+    pub scan_interval: Duration,
+    /// Set to the drain deadline when the shipper is to stop.
+    pub stop: watch::Receiver<Option<std::time::Instant>>,
+}
+
+impl Pipeline {
+    pub async fn run(mut self) {
+        let mut seq = 0u64;
+        let mut chunk = Chunk::default();
+        let mut next_scan = Instant::now();
+        let mut stopped = false;
+        while !stopped {
+            if self.stop.borrow().is_some() {
+                break;
+            }
+            if Instant::now() >= next_scan {
+                self.tail.scan(&mut chunk);
+                self.tail.sizes_into(&mut self.progress.lock().unwrap_or_else(|e| e.into_inner()));
+                next_scan = Instant::now() + self.scan_interval;
+            }
+            let read = self.tail.read(&mut chunk);
+            let idle = !read && (!chunk.entries.is_empty() || !chunk.ends.is_empty());
+            if chunk.text.len() >= CHUNK_BYTES || idle {
+                seq += 1;
+                stopped = !self.dispatch(std::mem::take(&mut chunk), seq).await;
+            }
+            self.save();
+            if read {
+                // Let the sinks' tasks send what they have (one thread runs them all).
+                tokio::task::yield_now().await;
+            } else if !stopped {
+                tokio::select! {
+                    _ = self.stop.changed() => {}
+                    _ = tokio::time::sleep(POLL) => {}
+                }
+            }
+        }
+        let deadline = (*self.stop.borrow()).unwrap_or_else(std::time::Instant::now);
+        self.finish(chunk, seq, deadline.into()).await;
+    }
+
+    /// Hands `chunk` to every sink; false if the shipper was told to stop while waiting for
+    /// room (the chunk then stays unacknowledged and is read again after a restart).
+    async fn dispatch(&mut self, mut chunk: Chunk, seq: u64) -> bool {
+        chunk.seq = seq;
+        let ends = std::mem::take(&mut chunk.ends);
+        let records = chunk.entries.len() as u64;
+        self.acks.register(seq, self.sinks.len(), ends);
+        let chunk = Arc::new(chunk);
+        for sink in &self.sinks {
+            match sink.when_full {
+                WhenFull::Block => {
+                    tokio::select! {
+                        r = sink.tx.send(chunk.clone()) => if r.is_err() { self.acks.done(seq) },
+                        _ = self.stop.changed() => return false,
+                    }
+                }
+                WhenFull::DropNewest => match sink.tx.try_send(chunk.clone()) {
+                    Ok(()) => {}
+                    Err(mpsc::error::TrySendError::Full(_)) => {
+                        sink.metrics.dropped.inc_by(records);
+                        self.acks.done(seq);
+                    }
+                    Err(mpsc::error::TrySendError::Closed(_)) => self.acks.done(seq),
+                },
+            }
+        }
+        true
+    }
+
+    /// Offers the checkpoint to its writer when it moved (a busy writer gets it next time).
+    fn save(&self) {
+        let mut p = self.progress.lock().unwrap_or_else(|e| e.into_inner());
+        if p.changed && self.writer.offer(p.snapshot()) {
+            p.changed = false;
+        }
+    }
+
+    /// The stop: what was read (incomplete lines and pending events too) goes to the sinks,
+    /// which send until they are done or the deadline passes; then the checkpoint is written.
+    async fn finish(mut self, mut chunk: Chunk, mut seq: u64, deadline: Instant) {
+        self.tail.flush(&mut chunk);
+        if !chunk.entries.is_empty() || !chunk.ends.is_empty() {
+            seq += 1;
+            let _ = tokio::time::timeout_at(deadline, self.dispatch_final(chunk, seq)).await;
+        }
+        let tasks: Vec<_> = self
+            .sinks
+            .drain(..)
+            .map(|s| {
+                drop(s.tx);
+                s.task
+            })
+            .collect();
+        for mut task in tasks {
+            if tokio::time::timeout_at(deadline, &mut task).await.is_err() {
+                tracing::warn!(
+                    "log shipping: drain timeout reached with lines still unsent; they are sent after the restart"
+                );
+                task.abort();
+            }
+        }
+        let marks = {
+            let mut p = self.progress.lock().unwrap_or_else(|e| e.into_inner());
+            self.tail.sizes_into(&mut p);
+            p.snapshot()
+        };
+        self.writer.finish(marks);
+    }
+
+    /// `dispatch` without the stop signal (it has fired): only the deadline cuts it short.
+    async fn dispatch_final(&mut self, mut chunk: Chunk, seq: u64) {
+        chunk.seq = seq;
+        let ends = std::mem::take(&mut chunk.ends);
+        self.acks.register(seq, self.sinks.len(), ends);
+        let chunk = Arc::new(chunk);
+        for sink in &self.sinks {
+            if sink.tx.send(chunk.clone()).await.is_err() {
+                self.acks.done(seq);
+            }
+        }
+    }
+}
