@@ -7,6 +7,7 @@
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -34,8 +35,18 @@ pub struct DemoAddrs {
     /// `start_app` binds them (ports the system picks: fixed ones next to the app's
     /// collided with other programs' ephemeral ports).
     pub upstreams: [SocketAddr; 2],
-    /// Where the demo's CA and certificates are written (replaced at every start).
+    /// The log receiver the demo app's log file is shipped to; port 0 until `start_app`.
+    pub logs: SocketAddr,
+    /// Where the demo's CA and certificates, the app's log file and the shipper's checkpoint
+    /// are written (replaced at every start).
     pub certs: std::path::PathBuf,
+}
+
+impl DemoAddrs {
+    /// The demo app's own log file, which the sidecar ships.
+    pub fn app_log(&self) -> std::path::PathBuf {
+        self.certs.join("app-logs").join("app.log")
+    }
 }
 
 /// The identity of the demo's client certificate, the only one the mTLS listener lets in.
@@ -87,6 +98,13 @@ outbound:
     balance: round-robin
     retry: {{ attempts: 2, on: [connect-failure, reset, 503] }}
     outlier: {{ consecutive_failures: 2, base_ejection: 10s }}
+logship:
+  checkpoint_dir: {certs}/logship
+  scan_interval: 500ms
+  sources:
+    - {{ name: demo-app, paths: [\"{app_logs}/*.log\"], format: json, fields: {{ app: demo }} }}
+  sinks:
+    - {{ name: receiver, type: http, endpoint: \"http://{logs}/ingest\", batch: {{ timeout: 500ms }} }}
 telemetry:
   log_level: info
   access_log: {{ enabled: true, format: json, path: stdout }}
@@ -103,6 +121,8 @@ shutdown:
         outbound = addrs.outbound,
         steady = addrs.upstreams[0],
         flaky = addrs.upstreams[1],
+        logs = addrs.logs,
+        app_logs = addrs.app_log().parent().map(|p| p.display().to_string()).unwrap_or_default(),
     )
 }
 
@@ -123,17 +143,39 @@ pub fn start_app(addrs: &mut DemoAddrs) -> std::io::Result<()> {
     let app = bind(addrs.app)?;
     let steady = bind(addrs.upstreams[0])?;
     let flaky = bind(addrs.upstreams[1])?;
+    let logs = bind(addrs.logs)?;
     addrs.upstreams = [steady.local_addr()?, flaky.local_addr()?];
+    addrs.logs = logs.local_addr()?;
+    let path = addrs.app_log();
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let log_file = std::fs::OpenOptions::new().create(true).append(true).open(&path)?;
+    let shared = Shared {
+        app_log: Arc::new(Mutex::new(log_file)),
+        received: Arc::new(Mutex::new(std::collections::VecDeque::new())),
+    };
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     std::thread::Builder::new().name("demo-app".into()).spawn(move || {
         runtime.block_on(async move {
-            tokio::spawn(serve(steady, Server::Upstream { name: "steady", fail_two_in: 0 }));
-            tokio::spawn(serve(flaky, Server::Upstream { name: "flaky", fail_two_in: 3 }));
-            serve(app, Server::App).await
+            tokio::spawn(serve(steady, Server::Upstream { name: "steady", fail_two_in: 0 }, shared.clone()));
+            tokio::spawn(serve(flaky, Server::Upstream { name: "flaky", fail_two_in: 3 }, shared.clone()));
+            tokio::spawn(serve(logs, Server::LogReceiver, shared.clone()));
+            serve(app, Server::App, shared).await
         })
     })?;
     Ok(())
 }
+
+/// What the demo servers share: the app's log file, and the lines the receiver got.
+#[derive(Clone)]
+struct Shared {
+    app_log: Arc<Mutex<std::fs::File>>,
+    received: Arc<Mutex<std::collections::VecDeque<String>>>,
+}
+
+/// The receiver keeps this many of the lines shipped to it.
+const RECEIVED_KEPT: usize = 50;
 
 /// What a demo server is: the app, or an upstream the app calls through the sidecar.
 #[derive(Clone, Copy)]
@@ -144,6 +186,8 @@ enum Server {
         name: &'static str,
         fail_two_in: u64,
     },
+    /// Where the app's log lines are shipped: takes NDJSON POSTs, shows the last ones on GET.
+    LogReceiver,
 }
 
 /// What the demo prints on start.
@@ -178,6 +222,11 @@ which fails two requests in three; retries hide it and ejection takes it out of 
   for i in $(seq 20); do curl -s http://{outbound}/; done
   curl -s {admin}/metrics | grep -E 'sidecar_outbound_(requests|retries|endpoints)'
 
+Log shipping: the app writes a JSON line a request to {app_log};
+the sidecar tails it and ships every line to a receiver, which shows the last ones it got:
+  curl -s http://{logs}/
+  curl -s {admin}/metrics | grep sidecar_logship_
+
 Config in use:
 {config}
 Ctrl-C drains and exits.
@@ -185,6 +234,8 @@ Ctrl-C drains and exits.
         listen = addrs.listen,
         app = addrs.app,
         outbound = addrs.outbound,
+        logs = addrs.logs,
+        app_log = addrs.app_log().display(),
         certs = addrs.certs.display(),
         https_port = addrs.https.port(),
         mtls_port = addrs.mtls.port(),
@@ -194,7 +245,7 @@ Ctrl-C drains and exits.
 
 type AppBody = BoxBody<Bytes, hyper::Error>;
 
-async fn serve(listener: std::net::TcpListener, role: Server) {
+async fn serve(listener: std::net::TcpListener, role: Server, shared: Shared) {
     let Ok(listener) = tokio::net::TcpListener::from_std(listener) else {
         return;
     };
@@ -204,12 +255,23 @@ async fn serve(listener: std::net::TcpListener, role: Server) {
             continue;
         };
         let served = served.clone();
+        let shared = shared.clone();
         tokio::spawn(async move {
             let svc = service_fn(move |req| {
                 let n = served.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+                let shared = shared.clone();
                 async move {
                     Ok::<_, Infallible>(match role {
-                        Server::App => app(req).await,
+                        Server::App => {
+                            let (method, path) = (req.method().clone(), req.uri().path().to_owned());
+                            let resp = app(req).await;
+                            // The sidecar's health checks would drown the requests a person makes.
+                            if path != "/healthz" {
+                                write_app_log(&shared, &method, &path, resp.status());
+                            }
+                            resp
+                        }
+                        Server::LogReceiver => receive_logs(req, &shared).await,
                         Server::Upstream { name, fail_two_in } => {
                             upstream(name, fail_two_in != 0 && !n.is_multiple_of(fail_two_in))
                         }
@@ -285,6 +347,48 @@ async fn app(mut req: Request<Incoming>) -> Response<AppBody> {
             "demo app: try /, /headers, /echo, /slow?ms=N, /status/N, /ws, /healthz\n",
         ),
     }
+}
+
+/// The demo app logs as apps do: a JSON line a request, to a file on its "volume".
+fn write_app_log(shared: &Shared, method: &http::Method, path: &str, status: StatusCode) {
+    use std::io::Write as _;
+    let level = if status.is_server_error() { "error" } else { "info" };
+    let line = serde_json::json!({
+        "time": humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string(),
+        "level": level,
+        "msg": "request handled",
+        "method": method.as_str(),
+        "path": path,
+        "status": status.as_u16(),
+    });
+    if let Ok(mut f) = shared.app_log.lock() {
+        let _ = writeln!(f, "{line}");
+    }
+}
+
+/// `POST /ingest` takes the shipped NDJSON; `GET /` shows the last lines received.
+async fn receive_logs(req: Request<Incoming>, shared: &Shared) -> Response<AppBody> {
+    if req.method() == http::Method::POST {
+        let Ok(body) = req.into_body().collect().await else {
+            return full(StatusCode::BAD_REQUEST, "text/plain", "unreadable body\n");
+        };
+        let body = body.to_bytes();
+        if let Ok(mut kept) = shared.received.lock() {
+            for line in String::from_utf8_lossy(&body).lines() {
+                kept.push_back(line.to_owned());
+                while kept.len() > RECEIVED_KEPT {
+                    kept.pop_front();
+                }
+            }
+        }
+        return full(StatusCode::NO_CONTENT, "text/plain", Bytes::new());
+    }
+    let text = shared
+        .received
+        .lock()
+        .map(|k| k.iter().map(|l| format!("{l}\n")).collect::<String>())
+        .unwrap_or_default();
+    full(StatusCode::OK, "application/x-ndjson", text)
 }
 
 fn upstream(name: &str, fail: bool) -> Response<AppBody> {

@@ -108,12 +108,13 @@ fn main() -> ExitCode {
             let certs = std::env::temp_dir().join(format!("sidecar-demo-{}", listen.port()));
             // Placeholders: `start_app` binds the upstreams on free ports and records them.
             let upstreams = [SocketAddr::new(app.ip(), 0); 2];
-            run_demo(demo::DemoAddrs { listen, https, mtls, admin, app, outbound, upstreams, certs })
+            let logs = SocketAddr::new(app.ip(), 0);
+            run_demo(demo::DemoAddrs { listen, https, mtls, admin, app, outbound, upstreams, logs, certs })
         }
         Command::Certs { action } => certs(action),
         Command::Version => {
             println!(
-                "sidecar {} (commit {})\nfeatures: http1 http2 grpc websocket tcp tls mtls admin metrics access-log hot-reload outbound",
+                "sidecar {} (commit {})\nfeatures: http1 http2 grpc websocket tcp tls mtls admin metrics access-log hot-reload outbound tracing logship",
                 env!("CARGO_PKG_VERSION"),
                 env!("SIDECAR_GIT_COMMIT"),
             );
