@@ -61,21 +61,29 @@ pub struct Split {
     pub consumed: u64,
 }
 
-/// Makes records of `chunk.text[seg..]`, which holds the file's bytes from offset `base` (the
-/// carry, then what was just read). What cannot be a record yet is moved into `carry` and cut
-/// off the buffer. `flush`: the file will not grow for now (the multi-line timeout passed, or
-/// it was rotated away and is closing): the pending event and an incomplete last line are
-/// records too.
+/// Where a file's bytes are in the chunk being split.
+pub struct Segment {
+    /// Index in `chunk.text` of the file's first byte: the carry, then what was just read.
+    pub seg: usize,
+    /// File offset of that byte.
+    pub base: u64,
+    /// When the bytes were read (Unix nanoseconds).
+    pub time_ns: u64,
+    /// The file will not grow for now (the multi-line timeout passed, or it was rotated away
+    /// and is closing): the pending event and an incomplete last line are records too.
+    pub flush: bool,
+}
+
+/// Makes records of the file's bytes at the end of `chunk.text`. What cannot be a record yet
+/// is moved into `carry` and cut off the buffer.
 pub fn split(
     chunk: &mut Chunk,
-    seg: usize,
-    base: u64,
+    at: Segment,
     shape: &Shape,
     file: &Arc<FileInfo>,
     carry: &mut Carry,
-    flush: bool,
-    time_ns: u64,
 ) -> Split {
+    let Segment { seg, base, time_ns, flush } = at;
     let mut out = Emit { chunk, shape, file, base, seg, time_ns, records: 0, truncated: 0 };
     let mut pos = seg;
     let len = out.chunk.text.len();
@@ -246,9 +254,8 @@ impl<'de> Visitor<'de> for TopLevel<'_> {
                 clashes |= 1 << i;
             }
             if matches!(&*key, "level" | "severity" | "lvl" | "loglevel" | "log.level") {
-                match map.next_value::<serde_json::Value>()? {
-                    serde_json::Value::String(s) => level = Severity::parse(s.as_bytes()),
-                    _ => {}
+                if let serde_json::Value::String(s) = map.next_value::<serde_json::Value>()? {
+                    level = Severity::parse(s.as_bytes());
                 }
             } else {
                 map.next_value::<IgnoredAny>()?;
@@ -298,12 +305,11 @@ mod tests {
         Arc::new(FileInfo { id: 1, path: "/l/a.log".into(), key: "k".into() })
     }
 
+    /// A record as the tests compare it: text, offset, end, truncated.
+    type Seen = (String, u64, u64, bool);
+
     /// Feeds `reads` one after another as the tailer would; returns the records and the last split.
-    fn feed(
-        shape: &Shape,
-        reads: &[&[u8]],
-        flush_last: bool,
-    ) -> (Vec<(String, u64, u64, bool)>, Split, Carry) {
+    fn feed(shape: &Shape, reads: &[&[u8]], flush_last: bool) -> (Vec<Seen>, Split, Carry) {
         let (f, mut carry, mut base) = (file(), Carry::default(), 0u64);
         let mut all = Vec::new();
         let mut last = None;
@@ -313,8 +319,8 @@ mod tests {
             let seg = chunk.text.len();
             chunk.text.extend_from_slice(&carry.bytes);
             chunk.text.extend_from_slice(read);
-            let s =
-                split(&mut chunk, seg, base, shape, &f, &mut carry, flush_last && i == reads.len() - 1, 7);
+            let at = Segment { seg, base, time_ns: 7, flush: flush_last && i == reads.len() - 1 };
+            let s = split(&mut chunk, at, shape, &f, &mut carry);
             base = s.consumed;
             for r in 0..chunk.entries.len() {
                 let rec = chunk.record(r);
@@ -365,9 +371,9 @@ mod tests {
         let keys: Vec<String> = ["timestamp", "source", "file", "team"].map(String::from).to_vec();
         assert_eq!(look_at_json(br#"{"msg":"a","level":"warn"}"#, &keys), (true, 0, Some(Severity::Warn)));
         assert_eq!(look_at_json(br#"{"timestamp":1,"team":"x"}"#, &keys), (true, 0b1001, None));
-        assert_eq!(look_at_json(br#"{"a":1} trailing"#, &keys).0, false);
-        assert_eq!(look_at_json(br#"[1,2]"#, &keys).0, false);
-        assert_eq!(look_at_json(br#"{"a":"\u00e9\"x"}"#, &keys).0, true);
+        assert!(!look_at_json(br#"{"a":1} trailing"#, &keys).0);
+        assert!(!look_at_json(br#"[1,2]"#, &keys).0);
+        assert!(look_at_json(br#"{"a":"\u00e9\"x"}"#, &keys).0);
     }
 
     #[test]

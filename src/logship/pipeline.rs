@@ -140,12 +140,19 @@ impl Pipeline {
         let chunk = Arc::new(chunk);
         for sink in &self.sinks {
             match sink.when_full {
-                WhenFull::Block => {
+                WhenFull::Block => loop {
                     tokio::select! {
-                        r = sink.tx.send(chunk.clone()) => if r.is_err() { self.acks.done(seq) },
+                        r = sink.tx.reserve() => {
+                            match r {
+                                Ok(permit) => permit.send(chunk.clone()),
+                                Err(_) => self.acks.done(seq),
+                            }
+                            break;
+                        }
                         _ = self.stop.changed() => return false,
+                        _ = tokio::time::sleep(self.scan_interval) => self.tail.refresh(),
                     }
-                }
+                },
                 WhenFull::DropNewest => match sink.tx.try_send(chunk.clone()) {
                     Ok(()) => {}
                     Err(mpsc::error::TrySendError::Full(_)) => {
@@ -167,10 +174,11 @@ impl Pipeline {
         }
     }
 
-    /// The stop: what was read (incomplete lines and pending events too) goes to the sinks,
-    /// which send until they are done or the deadline passes; then the checkpoint is written.
-    async fn finish(mut self, mut chunk: Chunk, mut seq: u64, deadline: Instant) {
-        self.tail.flush(&mut chunk);
+    /// The stop: what was read goes to the sinks, which send until they are done or the
+    /// deadline passes; then the checkpoint is written. An incomplete last line or a pending
+    /// multi-line event is not sent: the checkpoint stays before it and the next start reads
+    /// it whole.
+    async fn finish(mut self, chunk: Chunk, mut seq: u64, deadline: Instant) {
         if !chunk.entries.is_empty() || !chunk.ends.is_empty() {
             seq += 1;
             let _ = tokio::time::timeout_at(deadline, self.dispatch_final(chunk, seq)).await;

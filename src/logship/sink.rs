@@ -270,7 +270,7 @@ impl Sink {
             }
         };
         // The first failure and then one in ten: a sink down for an hour is not a log flood.
-        if self.failures == 1 || self.failures % 10 == 0 {
+        if self.failures == 1 || self.failures.is_multiple_of(10) {
             tracing::warn!(sink = %self.name, failures = self.failures, retry_in = ?wait, reason, "sending failed; will retry");
         }
         let until = Instant::now() + wait;

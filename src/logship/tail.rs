@@ -20,7 +20,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use super::checkpoint::Mark;
-use super::lines::{self, Carry, Shape};
+use super::lines::{self, Carry, Segment};
 use super::metrics::SourceMetrics;
 use super::record::{Chunk, FileInfo};
 use crate::config::logship::{LogshipConfig, ReadFrom};
@@ -75,7 +75,7 @@ pub struct Source {
     pub name: String,
     pub paths: Vec<String>,
     pub exclude: Vec<glob::Pattern>,
-    pub shape: Shape,
+    pub shape: lines::Shape,
     pub metrics: SourceMetrics,
 }
 
@@ -122,7 +122,8 @@ pub struct Tail {
     scanned: bool,
     read_from: ReadFrom,
     rotate_wait: Duration,
-    truncations: Vec<(Fingerprint, u64, Instant)>,
+    /// Fingerprint, inode and where reading had got, of files truncated lately.
+    truncations: Vec<(Fingerprint, u64, u64, Instant)>,
     progress: Arc<Mutex<Progress>>,
     next_id: u64,
     /// Where the next read round starts, so every file gets its turn.
@@ -155,7 +156,7 @@ impl Tail {
     /// and updates the gauges. Called every `scan_interval`.
     pub fn scan(&mut self, chunk: &mut Chunk) {
         let now = Instant::now();
-        self.truncations.retain(|(_, _, at)| now.duration_since(*at) < TRUNCATION_MEMORY);
+        self.truncations.retain(|(.., at)| now.duration_since(*at) < TRUNCATION_MEMORY);
         for f in &mut self.files {
             f.gone.get_or_insert(now);
         }
@@ -239,8 +240,9 @@ impl Tail {
             .or_else(|| self.restored.iter().position(|m| same(m) && m.source == source_name))
         {
             Some(self.restored.swap_remove(k).offset)
-        } else if let Some(k) = self.truncations.iter().position(|(t, ..)| *t == fp) {
-            Some(self.truncations.swap_remove(k).1)
+        } else if let Some(k) = self.truncations.iter().position(|(t, tino, ..)| *t == fp && *tino != ino) {
+            // Not the truncated file itself: written again, its first line may be the same.
+            Some(self.truncations.swap_remove(k).2)
         } else if let Some(j) =
             self.files.iter().position(|o| o.fp == Some(fp) && o.ino != ino && o.info.is_some())
         {
@@ -298,7 +300,7 @@ impl Tail {
             source.metrics.lost_bytes.inc_by(lost);
         }
         if let (Some(fp), Some(info)) = (f.fp, f.info.take()) {
-            self.truncations.push((fp, f.consumed(), Instant::now()));
+            self.truncations.push((fp, f.ino, f.consumed(), Instant::now()));
             let mut p = self.progress.lock().unwrap_or_else(|e| e.into_inner());
             p.marks.remove(&info.id);
             p.changed = true;
@@ -326,17 +328,11 @@ impl Tail {
             }
             let mut f = self.files.swap_remove(i);
             if let Some(info) = f.info.clone() {
-                let time = now_ns();
-                let seg = chunk.text.len();
-                let base = f.consumed();
-                chunk.text.extend_from_slice(&f.carry.bytes);
-                let shape = &self.sources[f.source].shape;
-                let split = lines::split(chunk, seg, base, shape, &info, &mut f.carry, true, time);
-                self.sources[f.source].metrics.lines_read.inc_by(split.records);
-                chunk.ends.push((info.id, split.consumed));
+                let source = &self.sources[f.source];
+                let consumed = split_carry(&mut f, source, chunk, now_ns());
                 let mut p = self.progress.lock().unwrap_or_else(|e| e.into_inner());
-                p.closing.insert(info.id, split.consumed);
-                if p.marks.get(&info.id).is_some_and(|m| m.offset >= split.consumed) {
+                p.closing.insert(info.id, consumed);
+                if p.marks.get(&info.id).is_some_and(|m| m.offset >= consumed) {
                     p.marks.remove(&info.id);
                     p.closing.remove(&info.id);
                 }
@@ -362,16 +358,10 @@ impl Tail {
         self.turn = self.turn.wrapping_add(1);
         // Multi-line events whose timeout passed with nothing after them.
         for f in &mut self.files {
-            let Some(info) = &f.info else { continue };
-            let shape = &self.sources[f.source].shape;
-            let waited = f.carry.grew.is_some_and(|g| g.elapsed() >= shape.multiline_timeout);
-            if waited && f.carry.bytes.last() == Some(&b'\n') {
-                let seg = chunk.text.len();
-                let base = f.consumed();
-                chunk.text.extend_from_slice(&f.carry.bytes);
-                let split = lines::split(chunk, seg, base, shape, info, &mut f.carry, true, time);
-                self.sources[f.source].metrics.lines_read.inc_by(split.records);
-                chunk.ends.push((info.id, split.consumed));
+            let source = &self.sources[f.source];
+            let waited = f.carry.grew.is_some_and(|g| g.elapsed() >= source.shape.multiline_timeout);
+            if f.info.is_some() && waited && f.carry.bytes.last() == Some(&b'\n') {
+                split_carry(f, source, chunk, time);
                 any = true;
             }
         }
@@ -413,30 +403,23 @@ impl Tail {
         f.size = f.size.max(f.read_pos);
         f.grew = Instant::now();
         let source = &self.sources[f.source];
-        let split = lines::split(chunk, seg, base, &source.shape, &info, &mut f.carry, false, time);
+        let at = Segment { seg, base, time_ns: time, flush: false };
+        let split = lines::split(chunk, at, &source.shape, &info, &mut f.carry);
         source.metrics.lines_read.inc_by(split.records);
         source.metrics.truncated.inc_by(split.truncated);
         chunk.ends.push((info.id, split.consumed));
         true
     }
 
-    /// What is read but waits (incomplete lines, pending multi-line events) becomes records:
-    /// the last act before a shutdown.
-    pub fn flush(&mut self, chunk: &mut Chunk) {
-        let time = now_ns();
+    /// Sizes and gauges brought up to date without a scan: while reading waits for a sink,
+    /// the lag it shows must still grow.
+    pub fn refresh(&mut self) {
         for f in &mut self.files {
-            let Some(info) = &f.info else { continue };
-            if f.carry.bytes.is_empty() {
-                continue;
+            if let Ok(m) = f.file.metadata() {
+                f.size = f.size.max(m.len());
             }
-            let shape = &self.sources[f.source].shape;
-            let seg = chunk.text.len();
-            let base = f.consumed();
-            chunk.text.extend_from_slice(&f.carry.bytes);
-            let split = lines::split(chunk, seg, base, shape, info, &mut f.carry, true, time);
-            self.sources[f.source].metrics.lines_read.inc_by(split.records);
-            chunk.ends.push((info.id, split.consumed));
         }
+        self.gauges();
     }
 
     fn gauges(&self) {
@@ -462,6 +445,19 @@ impl Tail {
             }
         }
     }
+}
+
+/// The file's carried bytes (a pending event, an incomplete last line) made records now.
+/// Returns the offset every byte before which is in a chunk.
+fn split_carry(f: &mut Tracked, source: &Source, chunk: &mut Chunk, time_ns: u64) -> u64 {
+    let Some(info) = f.info.clone() else { return f.consumed() };
+    let at = Segment { seg: chunk.text.len(), base: f.consumed(), time_ns, flush: true };
+    chunk.text.extend_from_slice(&f.carry.bytes);
+    let split = lines::split(chunk, at, &source.shape, &info, &mut f.carry);
+    source.metrics.lines_read.inc_by(split.records);
+    source.metrics.truncated.inc_by(split.truncated);
+    chunk.ends.push((info.id, split.consumed));
+    split.consumed
 }
 
 fn now_ns() -> u64 {
