@@ -27,7 +27,7 @@ pub use self::metrics::Metrics;
 use self::pipeline::{Acks, Pipeline, QUEUE_CHUNKS, SinkHandle};
 use self::record::SourceInfo;
 use self::tail::{Progress, Source, Tail};
-use crate::config::logship::{LogshipConfig, LokiEncoding, SinkConfig, SinkKind, SourceFormat};
+use crate::config::logship::{CpuPriority, LogshipConfig, LokiEncoding, SinkConfig, SinkKind, SourceFormat};
 use crate::files::FileWatcher;
 
 /// The pod's identity as the downward API gives it (`env: [{ name: POD_NAME, valueFrom:
@@ -71,6 +71,9 @@ impl Shipper {
         let thread = std::thread::Builder::new()
             .name("sidecar-logship".into())
             .spawn(move || {
+                if cfg.cpu_priority == CpuPriority::Idle {
+                    lower_priority();
+                }
                 let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
                     Ok(r) => r,
                     Err(e) => {
@@ -118,6 +121,19 @@ impl Shipper {
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
+    }
+}
+
+/// Puts this thread in `SCHED_IDLE`: it runs only when the proxy's threads do not want the
+/// CPU, so a burst of log lines never delays a request on a sidecar's small CPU share.
+fn lower_priority() {
+    use thread_priority::{
+        NormalThreadSchedulePolicy, ThreadPriority, ThreadSchedulePolicy, set_thread_priority_and_policy,
+        thread_native_id,
+    };
+    let idle = ThreadSchedulePolicy::Normal(NormalThreadSchedulePolicy::Idle);
+    if let Err(e) = set_thread_priority_and_policy(thread_native_id(), ThreadPriority::Min, idle) {
+        tracing::warn!(error = ?e, "cannot lower the log shipper's CPU priority; it competes with the proxy as an equal");
     }
 }
 

@@ -19,6 +19,7 @@ import tempfile
 import time
 
 from load import OUTBOUND_WORKLOADS, QUICK_SKIP, QUICK_TLS, TLS_WORKLOADS, WORKLOADS, CpuQuota, run_workload
+import logship
 import outbound
 from modes import profile, soak, syscall_counts
 from procs import BENCH, HERE, LOAD_CPU, ROOT, Procs, loadavg, log, machine_info, mem_kib, tail, wait_quiet
@@ -191,6 +192,9 @@ def main():
                     help="the load --profile records under (default small; tls-ka with --tls)")
     ap.add_argument("--soak", action="store_true", help="only the memory soak of Sidecar")
     ap.add_argument("--soak-seconds", type=int, default=300)
+    ap.add_argument("--logship", action="store_true",
+                    help="only Sidecar's log shipper: file -> HTTP sink throughput, and the proxy's p99 while shipping")
+    ap.add_argument("--logship-mib", type=int, default=1024, help="size of --logship's file of 200-byte lines")
     ap.add_argument("--syscalls", action="store_true", help="only count syscalls per request of each proxy")
     ap.add_argument("--profile", type=int, metavar="SECONDS",
                     help="only perf-record Sidecar under the 64-connection load for SECONDS")
@@ -236,9 +240,9 @@ def main():
 
     signal.signal(signal.SIGTERM, on_signal)
     try:
-        want_tls = (any(w in TLS_WORKLOADS for w in args.workloads) and not (args.soak or args.syscalls)
+        want_tls = (any(w in TLS_WORKLOADS for w in args.workloads) and not (args.soak or args.syscalls or args.logship)
                     and not (args.profile and not args.profile_load.startswith("tls")))
-        plain = not (args.soak or args.syscalls or args.profile)
+        plain = not (args.soak or args.syscalls or args.profile or args.logship)
         # A copy: a rebuild of target/release during a run must not change what is measured.
         sidecar = os.path.join(tmp, "sidecar-under-test")
         shutil.copy2(args.sidecar, sidecar)
@@ -259,6 +263,9 @@ def main():
         if args.soak:
             text = soak(args, env)
             path = os.path.join(args.out, "soak.md")
+        elif args.logship:
+            text = logship.run(args, env, tmp)
+            path = os.path.join(args.out, "latest-logship.md")
         else:
             data = bench(args, env, tmp)
             text = build_report(data)

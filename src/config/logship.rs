@@ -39,6 +39,7 @@ pub(super) struct RawLogship {
     read_from: Option<ReadFrom>,
     scan_interval: Option<Scalar>,
     rotate_wait: Option<Scalar>,
+    cpu_priority: Option<CpuPriority>,
     sources: Vec<RawSource>,
     sinks: Vec<RawSink>,
 }
@@ -119,6 +120,18 @@ pub enum ReadFrom {
     End,
 }
 
+/// How the shipper's thread competes with the proxy's for the CPU.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CpuPriority {
+    /// `SCHED_IDLE`: the shipper runs on what the proxy leaves, so shipping never adds to a
+    /// request's latency; under a saturated proxy the lag grows instead (the file is the
+    /// buffer).
+    Idle,
+    /// The same share as the proxy's threads.
+    Normal,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum SourceFormat {
@@ -166,6 +179,7 @@ pub struct LogshipConfig {
     pub scan_interval: Duration,
     #[serde(with = "duration_str")]
     pub rotate_wait: Duration,
+    pub cpu_priority: CpuPriority,
     pub sources: Vec<SourceConfig>,
     pub sinks: Vec<SinkConfig>,
 }
@@ -328,6 +342,7 @@ pub(super) fn validate(raw: RawLogship, cx: &mut Ctx) -> LogshipConfig {
             DEFAULT_SCAN_INTERVAL,
         ),
         rotate_wait: cx.duration("logship.rotate_wait", raw.rotate_wait.as_ref(), DEFAULT_ROTATE_WAIT),
+        cpu_priority: raw.cpu_priority.unwrap_or(CpuPriority::Idle),
         sources,
         sinks,
     }

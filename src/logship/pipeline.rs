@@ -20,6 +20,8 @@ use crate::config::logship::WhenFull;
 
 /// How long an idle loop sleeps before looking at the files again.
 const POLL: Duration = Duration::from_millis(100);
+/// How often the files and lag gauges are brought up to date between scans.
+const GAUGES: Duration = Duration::from_millis(250);
 /// Chunks waiting for each sink: with 1 MiB chunks, 4 MiB a sink.
 pub const QUEUE_CHUNKS: usize = 4;
 
@@ -99,6 +101,7 @@ impl Pipeline {
         let mut seq = 0u64;
         let mut chunk = Chunk::default();
         let mut next_scan = Instant::now();
+        let mut next_gauges = Instant::now();
         let mut stopped = false;
         while !stopped {
             if self.stop.borrow().is_some() {
@@ -116,6 +119,11 @@ impl Pipeline {
                 stopped = !self.dispatch(std::mem::take(&mut chunk), seq).await;
             }
             self.save();
+            // The lag gauge follows deliveries, not only scans.
+            if Instant::now() >= next_gauges {
+                self.tail.gauges();
+                next_gauges = Instant::now() + GAUGES;
+            }
             if read {
                 // Let the sinks' tasks send what they have (one thread runs them all).
                 tokio::task::yield_now().await;

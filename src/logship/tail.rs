@@ -422,7 +422,7 @@ impl Tail {
         self.gauges();
     }
 
-    fn gauges(&self) {
+    pub fn gauges(&self) {
         let p = self.progress.lock().unwrap_or_else(|e| e.into_inner());
         for (si, source) in self.sources.iter().enumerate() {
             let mine = self.files.iter().filter(|f| f.source == si);
