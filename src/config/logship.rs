@@ -595,3 +595,59 @@ fn serde_name(kind: SinkKind) -> &'static str {
         SinkKind::Otlp => "otlp",
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use crate::config::tests::parse_str;
+
+    const OK: &str = "logship:
+  checkpoint_dir: /var/lib/sidecar
+  sources: [{ name: app, paths: [\"/var/log/app/*.log\"] }]
+  sinks:
+    - { name: loki, type: loki, endpoint: \"http://loki:3100\", token: s3cret, headers: { X-Scope-OrgID: t1 } }
+    - { name: es, type: elasticsearch, endpoint: \"https://es:9200/\", user: elastic, password_file: /etc/es/pw }
+";
+
+    #[test]
+    fn a_logship_only_config_runs_with_defaults_and_hides_its_secrets() {
+        let c = parse_str(OK).expect("valid");
+        assert!(c.inbound.is_empty() && c.outbound.is_empty());
+        let l = c.logship.as_ref().unwrap();
+        assert_eq!(l.sinks[0].request_url(), "http://loki:3100/loki/api/v1/push");
+        assert_eq!(l.sinks[1].request_url(), "https://es:9200/_bulk");
+        assert_eq!(l.sinks[1].dead_letter, std::path::Path::new("/var/lib/sidecar/dead-letter/es.ndjson"));
+        assert_eq!(l.sources[0].max_line_bytes, 1 << 20);
+        let shown = serde_yaml_ng::to_string(&c).unwrap();
+        assert!(!shown.contains("s3cret") && !shown.contains("t1"), "{shown}");
+        assert!(shown.contains("<redacted, from /etc/es/pw>"), "{shown}");
+    }
+
+    #[test]
+    fn bad_logship_fields_are_named() {
+        let text = "logship:
+  sources: [{ name: app, paths: [\"rel/*.log\"], multiline: { start_pattern: \"(\" } }]
+  sinks:
+    - { name: a, type: http, endpoint: \"ftp://x\", labels: { x: y } }
+    - { name: a, type: loki, endpoint: \"http://l\", token: t, user: u, retry: { initial_backoff: 5s, max_backoff: 1s } }
+";
+        let shown = parse_str(text).unwrap_err().to_string();
+        for needle in [
+            "logship.checkpoint_dir: missing",
+            "logship.sources[0].paths[0]: `rel/*.log` is not an absolute path",
+            "logship.sources[0].multiline.start_pattern: `(` is not a regular expression",
+            "logship.sinks[0].endpoint: `ftp://x` is not an http:// or https:// URL",
+            "logship.sinks[0].labels: only for `type: loki` sinks",
+            "logship.sinks[1].token: a sink takes a bearer token or a user and password, not both",
+            "logship.sinks[1].retry.max_backoff: is shorter than `initial_backoff`",
+            "logship.sinks[1].name: `a` is used twice",
+        ] {
+            assert!(shown.contains(needle), "missing {needle:?} in:\n{shown}");
+        }
+    }
+
+    #[test]
+    fn nothing_to_do_names_all_three_sections() {
+        let err = parse_str("admin: { listen: 127.0.0.1:15000 }\n").unwrap_err().to_string();
+        assert!(err.contains("at least one of `inbound`, `outbound` or `logship` is needed"), "{err}");
+    }
+}
