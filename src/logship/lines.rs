@@ -48,6 +48,9 @@ pub struct Carry {
     pub bytes: Vec<u8>,
     /// The rest of a line cut at `max_line` is being skipped up to its newline.
     pub discarding: bool,
+    /// The rest of a multi-line event cut at `max_line` is being skipped up to the next
+    /// start line.
+    pub skipping_event: bool,
     /// When the pending multi-line event last grew.
     pub grew: Option<Instant>,
 }
@@ -108,6 +111,12 @@ pub fn split(
             continue;
         };
         let starts = re.is_match(&out.chunk.text[start..end]);
+        if carry.skipping_event {
+            if !starts {
+                continue;
+            }
+            carry.skipping_event = false;
+        }
         match event {
             Some((s, _)) if !starts => {
                 event = Some((s, end));
@@ -121,12 +130,14 @@ pub fn split(
                 grew = true;
             }
         }
-        // A runaway event (a stack trace without end) is cut like a long line.
+        // A runaway event (a stack trace without end) is cut like a long line, and the rest
+        // of it skipped.
         if let Some((s, e)) = event
             && e - s > shape.max_line
         {
             out.line(s, e);
             event = None;
+            carry.skipping_event = true;
         }
     }
     // What is left: the pending event, then an incomplete line.
@@ -364,6 +375,16 @@ mod tests {
         let (recs, s, _) = feed(&sh, &[text], true);
         assert_eq!(recs[1], ("next event\n  at c()".into(), 34, 54, false));
         assert_eq!(s.consumed, 54);
+    }
+
+    #[test]
+    fn a_runaway_multiline_event_is_one_cut_record_and_its_rest_is_skipped() {
+        let sh = shape(false, Some(r"^\S"), 20);
+        let (recs, _, _) =
+            feed(&sh, &[b"E1 start\n  a 1\n  a 2\n", b"  a 3\n  a 4\nE2 next\n  b\nE3\n"], true);
+        let texts: Vec<&str> = recs.iter().map(|r| r.0.as_str()).collect();
+        assert_eq!(texts, ["E1 start\n  a 1\n  a 2", "E2 next\n  b", "E3"]);
+        assert!(recs[0].3);
     }
 
     #[test]

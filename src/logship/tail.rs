@@ -374,12 +374,20 @@ impl Tail {
             return false;
         }
         if f.at_eof {
-            // Only look again when the file is bigger than where reading got.
+            // Only look again when the file's size changed; growth from the end is only more
+            // of the same file if its first line is still the one it had (copytruncate on a
+            // busy file: truncated and longer again before this look).
             match f.file.metadata() {
-                Ok(m) if m.len() > f.read_pos => f.at_eof = false,
-                _ => return false,
+                Ok(m) if m.len() > f.read_pos && fingerprint(&f.file) == f.fp => f.at_eof = false,
+                Ok(m) if m.len() == f.read_pos => return false,
+                Ok(_) => {
+                    self.check_truncation(i, chunk);
+                    return false;
+                }
+                Err(_) => return false,
             }
         }
+        let f = &mut self.files[i];
         let info = f.info.clone().expect("checked above");
         let seg = chunk.text.len();
         let base = f.consumed();
