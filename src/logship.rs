@@ -7,6 +7,7 @@
 //! to every `sink`, each sink batches, encodes (`format`) and sends it with its `client`, and
 //! once every sink is done with a chunk the `checkpoint` moves past it.
 
+mod acks;
 pub mod checkpoint;
 mod client;
 pub mod doc;
@@ -23,8 +24,9 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, watch};
 
+use self::acks::Acks;
 pub use self::metrics::Metrics;
-use self::pipeline::{Acks, Pipeline, QUEUE_CHUNKS, SinkHandle};
+use self::pipeline::{Pipeline, QUEUE_CHUNKS, SinkHandle};
 use self::record::SourceInfo;
 use self::tail::{Progress, Source, Tail};
 use crate::config::logship::{CpuPriority, LogshipConfig, LokiEncoding, SinkConfig, SinkKind, SourceFormat};
@@ -174,14 +176,23 @@ fn assemble(
         })
         .collect();
     let progress = Arc::new(Mutex::new(Progress::default()));
-    let acks = Acks::new(progress.clone());
+    let acks = Acks::new(progress.clone(), cfg.sinks.len());
+    let (halt, halted) = watch::channel(false);
     let mut sinks = Vec::new();
-    for s in &cfg.sinks {
+    for (id, s) in cfg.sinks.iter().enumerate() {
         let client = client::Client::new(s, files)
             .map_err(|source| LogshipError::Sink { sink: s.name.clone(), source })?;
         let m = metrics.sink(&s.name);
         let (tx, rx) = mpsc::channel(QUEUE_CHUNKS);
-        let sink = sink::Sink::new(s.clone(), wire_format(s, &pod), client, m.clone(), acks.clone());
+        let sink = sink::Sink::new(
+            id,
+            s.clone(),
+            wire_format(s, &pod),
+            client,
+            m.clone(),
+            acks.clone(),
+            halted.clone(),
+        );
         let task = tokio::spawn(sink.run(rx));
         sinks.push(SinkHandle { tx, when_full: s.when_full, metrics: m, task });
     }
@@ -194,6 +205,7 @@ fn assemble(
         writer,
         scan_interval: cfg.scan_interval,
         stop,
+        halt,
     })
 }
 

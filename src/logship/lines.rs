@@ -198,7 +198,8 @@ impl Emit<'_> {
         let file_end = self.base + (end - self.seg) as u64 + 1;
         let mut range = start..end;
         let text = &self.chunk.text;
-        while range.end > range.start && text[range.end - 1].is_ascii_whitespace() {
+        // CRLF line ends; spaces are the app's and stay.
+        if range.end > range.start && text[range.end - 1] == b'\r' {
             range.end -= 1;
         }
         if range.is_empty() {

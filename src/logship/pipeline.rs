@@ -5,13 +5,13 @@
 //! loop wait (reading pauses, the file is the buffer), unless the sink is `drop_newest`.
 //! Memory is bounded by sinks × (queue + one batch) × chunk size, whatever the sinks do.
 
-use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
+use super::acks::Acks;
 use super::checkpoint::Writer;
 use super::metrics::SinkMetrics;
 use super::record::Chunk;
@@ -20,61 +20,12 @@ use crate::config::logship::WhenFull;
 
 /// How long an idle loop sleeps before looking at the files again.
 const POLL: Duration = Duration::from_millis(100);
+/// After the drain deadline, how long a request in flight may still take to be answered.
+const HALT_GRACE: Duration = Duration::from_secs(1);
 /// How often the files and lag gauges are brought up to date between scans.
 const GAUGES: Duration = Duration::from_millis(250);
 /// Chunks waiting for each sink: with 1 MiB chunks, 4 MiB a sink.
 pub const QUEUE_CHUNKS: usize = 4;
-
-/// Which chunks each sink is done with, and the checkpoint that follows.
-pub struct Acks {
-    state: Mutex<AckState>,
-    progress: Arc<Mutex<Progress>>,
-}
-
-#[derive(Default)]
-struct AckState {
-    /// `seq` of `outstanding[0]`.
-    front: u64,
-    /// Per chunk in order: sinks not done yet, and where it takes the files.
-    outstanding: VecDeque<(usize, Vec<(u64, u64)>)>,
-}
-
-impl Acks {
-    pub fn new(progress: Arc<Mutex<Progress>>) -> Arc<Acks> {
-        Arc::new(Acks { state: Mutex::new(AckState { front: 1, outstanding: VecDeque::new() }), progress })
-    }
-
-    fn register(&self, seq: u64, sinks: usize, ends: Vec<(u64, u64)>) {
-        let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        debug_assert_eq!(seq, s.front + s.outstanding.len() as u64);
-        s.outstanding.push_back((sinks, ends));
-        drop(s);
-        self.settle();
-    }
-
-    /// One sink is done with chunk `seq`.
-    pub fn done(&self, seq: u64) {
-        let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        let Some(i) = seq.checked_sub(s.front) else { return };
-        if let Some((left, _)) = s.outstanding.get_mut(i as usize) {
-            *left = left.saturating_sub(1);
-        }
-        drop(s);
-        self.settle();
-    }
-
-    /// Chunks every sink is done with, in order, move the checkpoint. A chunk still at one
-    /// sink holds back the ones after it, even those every sink has: the checkpoint is a
-    /// single offset per file.
-    fn settle(&self) {
-        let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        while s.outstanding.front().is_some_and(|(left, _)| *left == 0) {
-            let (_, ends) = s.outstanding.pop_front().expect("checked");
-            s.front += 1;
-            self.progress.lock().unwrap_or_else(|e| e.into_inner()).delivered(&ends);
-        }
-    }
-}
 
 /// A running sink as the loop sees it.
 pub struct SinkHandle {
@@ -94,6 +45,8 @@ pub struct Pipeline {
     pub scan_interval: Duration,
     /// Set to the drain deadline when the shipper is to stop.
     pub stop: watch::Receiver<Option<std::time::Instant>>,
+    /// Tells the sinks the deadline passed.
+    pub halt: watch::Sender<bool>,
 }
 
 impl Pipeline {
@@ -144,16 +97,16 @@ impl Pipeline {
         chunk.seq = seq;
         let ends = std::mem::take(&mut chunk.ends);
         let records = chunk.entries.len() as u64;
-        self.acks.register(seq, self.sinks.len(), ends);
         let chunk = Arc::new(chunk);
-        for sink in &self.sinks {
+        self.acks.register(chunk.clone(), ends);
+        for (k, sink) in self.sinks.iter().enumerate() {
             match sink.when_full {
                 WhenFull::Block => loop {
                     tokio::select! {
                         r = sink.tx.reserve() => {
                             match r {
                                 Ok(permit) => permit.send(chunk.clone()),
-                                Err(_) => self.acks.done(seq),
+                                Err(_) => self.acks.skip(k, seq),
                             }
                             break;
                         }
@@ -165,9 +118,9 @@ impl Pipeline {
                     Ok(()) => {}
                     Err(mpsc::error::TrySendError::Full(_)) => {
                         sink.metrics.dropped.inc_by(records);
-                        self.acks.done(seq);
+                        self.acks.skip(k, seq);
                     }
-                    Err(mpsc::error::TrySendError::Closed(_)) => self.acks.done(seq),
+                    Err(mpsc::error::TrySendError::Closed(_)) => self.acks.skip(k, seq),
                 },
             }
         }
@@ -191,7 +144,7 @@ impl Pipeline {
             seq += 1;
             let _ = tokio::time::timeout_at(deadline, self.dispatch_final(chunk, seq)).await;
         }
-        let tasks: Vec<_> = self
+        let mut tasks: Vec<_> = self
             .sinks
             .drain(..)
             .map(|s| {
@@ -199,12 +152,20 @@ impl Pipeline {
                 s.task
             })
             .collect();
-        for mut task in tasks {
-            if tokio::time::timeout_at(deadline, &mut task).await.is_err() {
-                tracing::warn!(
-                    "log shipping: drain timeout reached with lines still unsent; they are sent after the restart"
-                );
-                task.abort();
+        for task in &mut tasks {
+            let _ = tokio::time::timeout_at(deadline, task).await;
+        }
+        if tasks.iter().any(|t| !t.is_finished()) {
+            tracing::warn!(
+                "log shipping: drain timeout reached with lines still unsent; they are sent after the restart"
+            );
+            // A request in flight may still get its answer (else it is sent again after the
+            // restart: a duplicate); nothing new is started.
+            self.halt.send_replace(true);
+            for task in &mut tasks {
+                if tokio::time::timeout(HALT_GRACE, &mut *task).await.is_err() {
+                    task.abort();
+                }
             }
         }
         let marks = {
@@ -219,11 +180,11 @@ impl Pipeline {
     async fn dispatch_final(&mut self, mut chunk: Chunk, seq: u64) {
         chunk.seq = seq;
         let ends = std::mem::take(&mut chunk.ends);
-        self.acks.register(seq, self.sinks.len(), ends);
         let chunk = Arc::new(chunk);
-        for sink in &self.sinks {
+        self.acks.register(chunk.clone(), ends);
+        for (k, sink) in self.sinks.iter().enumerate() {
             if sink.tx.send(chunk.clone()).await.is_err() {
-                self.acks.done(seq);
+                self.acks.skip(k, seq);
             }
         }
     }

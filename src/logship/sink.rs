@@ -12,12 +12,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rand::Rng as _;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 
+use super::acks::Acks;
 use super::client::Client;
 use super::format::{self, Format, Verdict};
 use super::metrics::SinkMetrics;
-use super::pipeline::Acks;
 use super::record::{Chunk, Record};
 use crate::config::logship::{Compression, SinkConfig};
 use crate::telemetry::access_log::format::{Stamps, string};
@@ -28,6 +28,8 @@ const MAX_RETRY_AFTER: Duration = Duration::from_secs(300);
 
 pub struct Sink {
     pub name: String,
+    /// This sink's number in `Acks`.
+    id: usize,
     cfg: SinkConfig,
     format: Box<dyn Format>,
     client: Client,
@@ -38,19 +40,26 @@ pub struct Sink {
     /// (chunk index in the queue, record index).
     queue: VecDeque<Arc<Chunk>>,
     cursor: (usize, usize),
+    /// Set when the shipper's drain deadline passed: the request in flight may finish (its
+    /// answer saves a duplicate), nothing new starts and no retry waits.
+    halt: watch::Receiver<bool>,
     /// Failures in a row: the backoff grows with them, and the log says only the first.
     failures: u32,
 }
 
 impl Sink {
     pub fn new(
+        id: usize,
         cfg: SinkConfig,
         format: Box<dyn Format>,
         client: Client,
         metrics: SinkMetrics,
         acks: Arc<Acks>,
+        halt: watch::Receiver<bool>,
     ) -> Sink {
         Sink {
+            id,
+            halt,
             name: cfg.name.clone(),
             dead: DeadLetter { path: cfg.dead_letter.clone(), file: None },
             cfg,
@@ -68,6 +77,9 @@ impl Sink {
     pub async fn run(mut self, mut rx: mpsc::Receiver<Arc<Chunk>>) {
         let mut open = true;
         loop {
+            if *self.halt.borrow() {
+                return;
+            }
             if self.queue.is_empty() {
                 if !open {
                     return;
@@ -90,8 +102,8 @@ impl Sink {
                 }
             }
             let batch = self.take_batch();
-            if !batch.is_empty() {
-                self.deliver(batch).await;
+            if !batch.is_empty() && !self.deliver(batch).await {
+                return;
             }
             self.release_done();
         }
@@ -144,23 +156,31 @@ impl Sink {
         batch
     }
 
-    /// Chunks wholly sent leave the queue, and the pipeline hears this sink is done with them.
+    /// Chunks wholly sent leave the queue, and `Acks` hears how far this sink has got.
     fn release_done(&mut self) {
+        let mut last = None;
         while let Some(front) = self.queue.front() {
             let (k, i) = self.cursor;
             if k == 0 && i < front.entries.len() {
                 break;
             }
-            self.acks.done(front.seq);
+            last = Some(front.seq);
             self.queue.pop_front();
             self.cursor = if k == 0 { (0, 0) } else { (k - 1, i) };
         }
+        let at = match (self.queue.front(), last) {
+            (Some(front), _) => (front.seq, self.cursor.1),
+            (None, Some(seq)) => (seq + 1, 0),
+            (None, None) => return,
+        };
+        self.acks.reached(self.id, at.0, at.1);
     }
 
     /// Sends `batch` until every record in it is delivered, refused for good, or rejected.
     /// Retries never end on their own: reading waits meanwhile (backpressure), and the
     /// shipper's stop cuts them short at the drain deadline.
-    async fn deliver(&mut self, batch: Vec<(usize, usize)>) {
+    /// Returns false if the shipper halted first (the batch stays undelivered).
+    async fn deliver(&mut self, batch: Vec<(usize, usize)>) -> bool {
         let mut todo = batch;
         let mut body = Vec::new();
         while !todo.is_empty() {
@@ -190,7 +210,23 @@ impl Sink {
                         format::status_verdict(a.status, &a.body, after)
                     }
                 };
+            if *self.halt.borrow() {
+                // The answer is in: what it says is done is done, the rest waits for the next start.
+                return self.judge_final(todo, verdict);
+            }
             todo = self.judge(todo, verdict).await;
+        }
+        true
+    }
+
+    /// A verdict after the halt: only a full delivery counts, and nothing is retried.
+    fn judge_final(&mut self, todo: Vec<(usize, usize)>, verdict: Verdict) -> bool {
+        match verdict {
+            Verdict::Delivered => {
+                self.metrics.lines_sent.inc_by(todo.len() as u64);
+                true
+            }
+            _ => false,
         }
     }
 
@@ -274,7 +310,10 @@ impl Sink {
             tracing::warn!(sink = %self.name, failures = self.failures, retry_in = ?wait, reason, "sending failed; will retry");
         }
         let until = Instant::now() + wait;
-        tokio::time::sleep_until(until.into()).await;
+        tokio::select! {
+            _ = tokio::time::sleep_until(until.into()) => {}
+            _ = self.halt.changed() => {}
+        }
     }
 }
 
