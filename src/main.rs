@@ -142,7 +142,11 @@ fn raise_fd_limit() {
 }
 
 fn check(path: PathBuf) -> ExitCode {
-    match config::load(&path).and_then(|c| sidecar::tls::check_files(&path, &c)) {
+    let checked = config::load(&path).and_then(|c| {
+        sidecar::tls::check_files(&path, &c)?;
+        sidecar::logship::check_files(&path, &c)
+    });
+    match checked {
         Ok(()) => {
             println!("{}: ok", path.display());
             ExitCode::SUCCESS

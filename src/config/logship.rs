@@ -460,9 +460,16 @@ fn validate_sink(raw: RawSink, i: usize, checkpoint_dir: &std::path::Path, cx: &
         _ if endpoint.is_empty() => cx.bad(format!("{at}.endpoint"), "missing: the receiver's URL"),
         _ => cx.bad(format!("{at}.endpoint"), format!("`{endpoint}` is not an http:// or https:// URL")),
     }
-    for header in raw.headers.keys() {
+    for (header, value) in &raw.headers {
         if http::HeaderName::from_bytes(header.as_bytes()).is_err() {
             cx.bad(format!("{at}.headers.{header}"), "not a header name");
+        }
+        // The value is not shown: headers carry tokens.
+        if http::HeaderValue::from_str(value).is_err() {
+            cx.bad(
+                format!("{at}.headers.{header}"),
+                "the value is not a valid header value (a control character or a line break?)",
+            );
         }
     }
     let token = match (raw.token, raw.token_file) {
