@@ -126,35 +126,22 @@ impl Shipper {
     }
 }
 
-/// What `check` can know before `run`: the sinks' credential files are readable and their
-/// TLS files load. (`run` reads them again at each start of the shipper.)
+/// What `check` can know before `run` beyond the config itself: the sinks' TLS files load.
 pub fn check_files(
     file: &std::path::Path,
     config: &crate::config::Config,
 ) -> Result<(), crate::config::ConfigError> {
-    use crate::config::logship::{Auth, Secret};
     use crate::config::{ConfigError, Problem};
-    let mut problems = Vec::new();
-    for (i, s) in config.logship.iter().flat_map(|l| l.sinks.iter()).enumerate() {
-        let secret = match &s.auth {
-            Auth::Bearer(t) => Some(("token_file", t)),
-            Auth::Basic { password, .. } => Some(("password_file", password)),
-            Auth::None => None,
-        };
-        if let Some((field, Secret::File(path))) = secret
-            && let Err(e) = std::fs::read(path)
-        {
-            problems.push(Problem {
-                path: format!("logship.sinks[{i}].{field}"),
-                message: format!("cannot read {}: {e}", path.display()),
-            });
-        }
-        if let Some(tls) = &s.tls
-            && let Err(e) = crate::tls::client::check(tls)
-        {
-            problems.push(Problem { path: format!("logship.sinks[{i}].tls"), message: e.to_string() });
-        }
-    }
+    let problems: Vec<Problem> = config
+        .logship
+        .iter()
+        .flat_map(|l| l.sinks.iter())
+        .enumerate()
+        .filter_map(|(i, s)| {
+            let e = crate::tls::client::check(s.tls.as_ref()?).err()?;
+            Some(Problem { path: format!("logship.sinks[{i}].tls"), message: e.to_string() })
+        })
+        .collect();
     if problems.is_empty() { Ok(()) } else { Err(ConfigError { file: file.to_owned(), problems }) }
 }
 

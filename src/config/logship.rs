@@ -472,6 +472,14 @@ fn validate_sink(raw: RawSink, i: usize, checkpoint_dir: &std::path::Path, cx: &
             );
         }
     }
+    // Read now as well as at each start: `check` then says what `run` would refuse.
+    for (field, file) in [("token_file", &raw.token_file), ("password_file", &raw.password_file)] {
+        if let Some(path) = file
+            && let Err(e) = std::fs::read(path)
+        {
+            cx.bad(format!("{at}.{field}"), format!("cannot read {}: {e}", path.display()));
+        }
+    }
     let token = match (raw.token, raw.token_file) {
         (Some(_), Some(_)) => {
             cx.bad(format!("{at}.token_file"), "set `token` or `token_file`, not both");
@@ -612,7 +620,7 @@ mod tests {
   sources: [{ name: app, paths: [\"/var/log/app/*.log\"] }]
   sinks:
     - { name: loki, type: loki, endpoint: \"http://loki:3100\", token: s3cret, headers: { X-Scope-OrgID: t1 } }
-    - { name: es, type: elasticsearch, endpoint: \"https://es:9200/\", user: elastic, password_file: /etc/es/pw }
+    - { name: es, type: elasticsearch, endpoint: \"https://es:9200/\", user: elastic, password_file: /proc/version }
 ";
 
     #[test]
@@ -626,7 +634,7 @@ mod tests {
         assert_eq!(l.sources[0].max_line_bytes, 1 << 20);
         let shown = serde_yaml_ng::to_string(&c).unwrap();
         assert!(!shown.contains("s3cret") && !shown.contains("t1"), "{shown}");
-        assert!(shown.contains("<redacted, from /etc/es/pw>"), "{shown}");
+        assert!(shown.contains("<redacted, from /proc/version>"), "{shown}");
     }
 
     #[test]
