@@ -31,6 +31,8 @@ pub const DEFAULT_INITIAL_BACKOFF: Duration = Duration::from_millis(200);
 pub const DEFAULT_MAX_BACKOFF: Duration = Duration::from_secs(10);
 pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 pub const DEFAULT_ES_INDEX: &str = "logs";
+/// Loki labels every stream gets from the sidecar: `source`, and the pod's identity.
+pub const RESERVED_LABELS: [&str; 5] = ["source", "namespace", "pod", "container", "node"];
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -501,8 +503,10 @@ fn validate_sink(raw: RawSink, i: usize, checkpoint_dir: &std::path::Path, cx: &
     let auth = match (token, raw.user, password) {
         (None, None, None) => Auth::None,
         (Some(t), None, None) => Auth::Bearer(t),
-        (None, Some(user), password) => {
-            Auth::Basic { user, password: password.unwrap_or(Secret::Inline(String::new())) }
+        (None, Some(user), Some(password)) => Auth::Basic { user, password },
+        (None, Some(_), None) => {
+            cx.bad(format!("{at}.password"), "missing: a user needs a `password` or `password_file`");
+            Auth::None
         }
         (None, None, Some(_)) => {
             cx.bad(format!("{at}.user"), "missing: a password needs a user");
@@ -531,6 +535,11 @@ fn validate_sink(raw: RawSink, i: usize, checkpoint_dir: &std::path::Path, cx: &
             cx.bad(
                 format!("{at}.labels.{label}"),
                 "not a Loki label name: letters, digits and `_`, not starting with a digit",
+            );
+        } else if RESERVED_LABELS.contains(&label.as_str()) {
+            cx.bad(
+                format!("{at}.labels.{label}"),
+                "set by the sidecar itself (the source's name and the pod's identity)",
             );
         }
     }
