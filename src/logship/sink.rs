@@ -22,6 +22,8 @@ use super::record::{Chunk, Record};
 use crate::config::logship::{Compression, SinkConfig};
 use crate::telemetry::access_log::format::{Stamps, string};
 
+/// A dead-letter file is rotated at this size; one old file is kept.
+const DEAD_LETTER_MAX: u64 = 64 << 20;
 /// A `Retry-After` longer than this is taken as this: a receiver's bad clock must not stall
 /// shipping for a day.
 const MAX_RETRY_AFTER: Duration = Duration::from_secs(300);
@@ -379,6 +381,17 @@ impl DeadLetter {
             && let Err(e) = f.write_all(&out)
         {
             tracing::error!(path = %self.path.display(), error = %e, "writing the dead-letter file failed");
+            self.file = None;
+        }
+        // Bounded: a sink refusing everything for a week must not fill the volume. The full
+        // file becomes `.1` (replacing the one before) and a new one starts.
+        if let Some(f) = &self.file
+            && f.metadata().is_ok_and(|m| m.len() >= DEAD_LETTER_MAX)
+        {
+            let old = self.path.with_extension("ndjson.1");
+            if let Err(e) = std::fs::rename(&self.path, &old) {
+                tracing::warn!(path = %self.path.display(), error = %e, "cannot rotate the dead-letter file");
+            }
             self.file = None;
         }
     }
