@@ -155,3 +155,48 @@ impl Record<'_> {
         format!("{}-{:x}", self.entry.file.key, self.entry.offset)
     }
 }
+
+/// Chunks built by hand, for the sinks' tests.
+#[cfg(test)]
+pub mod testing {
+    use std::sync::Arc;
+
+    use super::{Chunk, Entry, FileInfo, Record, SourceInfo};
+
+    /// When the first test record was read; each next one a microsecond later.
+    pub const T0: u64 = 1_700_000_000_123_456_789;
+
+    /// The file most tests read from.
+    pub fn app_log() -> Arc<FileInfo> {
+        Arc::new(FileInfo { id: 1, path: "/var/log/app/app.log".into(), key: "c0ffee-801-2a".into() })
+    }
+
+    /// `lines` read in this order, a microsecond apart, each from its source and file.
+    pub fn chunk(lines: &[(&Arc<SourceInfo>, &Arc<FileInfo>, &str)]) -> Chunk {
+        let mut chunk = Chunk { seq: 1, ..Chunk::default() };
+        let mut offset = 0;
+        for (i, (source, file, line)) in lines.iter().enumerate() {
+            let start = chunk.text.len();
+            chunk.text.extend_from_slice(line.as_bytes());
+            let end = offset + line.len() as u64 + 1;
+            chunk.entries.push(Entry {
+                range: start..chunk.text.len(),
+                file: Arc::clone(file),
+                source: Arc::clone(source),
+                offset,
+                end,
+                time_ns: T0 + i as u64 * 1_000,
+                truncated: false,
+                json_object: false,
+                severity: None,
+                clashes: 0,
+            });
+            offset = end;
+        }
+        chunk
+    }
+
+    pub fn records(chunk: &Chunk) -> Vec<Record<'_>> {
+        (0..chunk.entries.len()).map(|i| chunk.record(i)).collect()
+    }
+}

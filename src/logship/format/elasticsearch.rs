@@ -148,9 +148,9 @@ mod tests {
     use std::sync::Arc;
 
     use super::*;
-    use crate::logship::record::{Chunk, Entry, FileInfo, SourceInfo};
+    use crate::logship::record::{Chunk, SourceInfo};
 
-    const T0: u64 = 1_700_000_000_123_456_789;
+    use crate::logship::record::testing::{self, T0, records};
 
     fn source(name: &str, fields: &[(&str, &str)]) -> Arc<SourceInfo> {
         let fields = fields.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
@@ -159,33 +159,8 @@ mod tests {
 
     /// `lines` read from one file in this order, a microsecond apart.
     fn chunk(source: &Arc<SourceInfo>, lines: &[&str]) -> Chunk {
-        let file =
-            Arc::new(FileInfo { id: 1, path: "/var/log/app/app.log".into(), key: "c0ffee-801-2a".into() });
-        let mut chunk = Chunk { seq: 1, ..Chunk::default() };
-        let mut offset = 0;
-        for (i, line) in lines.iter().enumerate() {
-            let start = chunk.text.len();
-            chunk.text.extend_from_slice(line.as_bytes());
-            let end = offset + line.len() as u64 + 1;
-            chunk.entries.push(Entry {
-                range: start..chunk.text.len(),
-                file: Arc::clone(&file),
-                source: Arc::clone(source),
-                offset,
-                end,
-                time_ns: T0 + i as u64 * 1_000,
-                truncated: false,
-                json_object: false,
-                severity: None,
-                clashes: 0,
-            });
-            offset = end;
-        }
-        chunk
-    }
-
-    fn records(chunk: &Chunk) -> Vec<Record<'_>> {
-        (0..chunk.entries.len()).map(|i| chunk.record(i)).collect()
+        let file = testing::app_log();
+        testing::chunk(&lines.iter().map(|l| (source, &file, *l)).collect::<Vec<_>>())
     }
 
     fn body(es: &Elasticsearch, chunk: &Chunk) -> Vec<u8> {

@@ -257,9 +257,8 @@ fn entry(record: &Record<'_>) -> EntryAdapter {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::logship::record::{Chunk, Entry, FileInfo};
-
-    const T0: u64 = 1_700_000_000_123_456_789;
+    use crate::logship::record::testing::{T0, chunk, records};
+    use crate::logship::record::{Chunk, FileInfo};
 
     fn source(name: &str, fields: &[(&str, &str)]) -> Arc<SourceInfo> {
         let fields = fields.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
@@ -268,35 +267,6 @@ mod tests {
 
     fn file(path: &str) -> Arc<FileInfo> {
         Arc::new(FileInfo { id: 1, path: path.into(), key: "c0ffee-801-2a".into() })
-    }
-
-    /// `lines` read in this order, a microsecond apart.
-    fn chunk(lines: &[(&Arc<SourceInfo>, &Arc<FileInfo>, &str)]) -> Chunk {
-        let mut chunk = Chunk { seq: 1, ..Chunk::default() };
-        let mut offset = 0;
-        for (i, (source, file, line)) in lines.iter().enumerate() {
-            let start = chunk.text.len();
-            chunk.text.extend_from_slice(line.as_bytes());
-            let end = offset + line.len() as u64 + 1;
-            chunk.entries.push(Entry {
-                range: start..chunk.text.len(),
-                file: Arc::clone(file),
-                source: Arc::clone(source),
-                offset,
-                end,
-                time_ns: T0 + i as u64 * 1_000,
-                truncated: false,
-                json_object: false,
-                severity: None,
-                clashes: 0,
-            });
-            offset = end;
-        }
-        chunk
-    }
-
-    fn records(chunk: &Chunk) -> Vec<Record<'_>> {
-        (0..chunk.entries.len()).map(|i| chunk.record(i)).collect()
     }
 
     fn push(loki: &Loki, chunk: &Chunk) -> PushRequest {
