@@ -150,7 +150,7 @@ mod tests {
     use super::*;
     use crate::logship::record::{Chunk, SourceInfo};
 
-    use crate::logship::record::testing::{self, T0, records};
+    use crate::logship::record::testing::{self, records};
 
     fn source(name: &str, fields: &[(&str, &str)]) -> Arc<SourceInfo> {
         let fields = fields.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();

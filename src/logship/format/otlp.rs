@@ -176,7 +176,7 @@ mod tests {
     use super::*;
     use crate::logship::record::Chunk;
 
-    use crate::logship::record::testing::{self, T0, records};
+    use crate::logship::record::testing::{self, T0};
 
     fn source(name: &str, fields: &[(&str, &str)]) -> Arc<SourceInfo> {
         let fields = fields.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
