@@ -25,7 +25,7 @@ const MAX_ANSWER: usize = 16 << 20;
 /// A body goes out in pieces of this size, a write each: the shipper's thread then returns to
 /// user space (where the scheduler can hand the core to a proxy worker) every few tens of
 /// microseconds instead of staying in the kernel for a whole megabyte.
-const WRITE_PIECE: usize = 64 << 10;
+const WRITE_PIECE: usize = 16 << 10;
 
 type Pieces = std::vec::IntoIter<Result<Frame<Bytes>, std::convert::Infallible>>;
 type Body = StreamBody<futures_util::stream::Iter<Pieces>>;

@@ -28,8 +28,9 @@ use crate::config::logship::{LogshipConfig, ReadFrom};
 /// A fingerprint covers the first line, or this many bytes of a file whose first line is
 /// longer. Vector's default too.
 const FINGERPRINT_BYTES: usize = 256;
-/// Most read from one file before the others get a turn.
-const READ_BYTES: usize = 256 << 10;
+/// Most read from one file before the others get a turn; small, so the shipper's thread is
+/// never long in a `pread` the scheduler cannot interrupt for a proxy worker.
+const READ_BYTES: usize = 64 << 10;
 /// A chunk goes to the sinks once it holds this much.
 pub const CHUNK_BYTES: usize = 1 << 20;
 /// A truncated file's old fingerprint is remembered this long, for its copy to be found.
