@@ -8,6 +8,9 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+mod auth;
+
+pub use self::auth::{Auth, Secret};
 use super::UpstreamTls;
 use super::parse::{Ctx, Scalar, duration_str, parse_size};
 use super::telemetry::Redacted;
@@ -235,66 +238,6 @@ pub struct SinkConfig {
     pub tls: Option<UpstreamTls>,
 }
 
-/// Credentials: what `/config` shows is only which kind and where from.
-#[derive(Clone, PartialEq, Default)]
-pub enum Auth {
-    #[default]
-    None,
-    Bearer(Secret),
-    Basic {
-        user: String,
-        password: Secret,
-    },
-}
-
-/// A secret written in the config or kept in a file (read at each start of the shipper, so a
-/// rotated Secret volume is picked up by a reload).
-#[derive(Clone, PartialEq)]
-pub enum Secret {
-    Inline(String),
-    File(PathBuf),
-}
-
-impl Secret {
-    pub fn read(&self) -> std::io::Result<String> {
-        match self {
-            Secret::Inline(s) => Ok(s.clone()),
-            Secret::File(p) => Ok(std::fs::read_to_string(p)?.trim_end().to_owned()),
-        }
-    }
-}
-
-impl std::fmt::Debug for Auth {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            Auth::None => "none",
-            Auth::Bearer(_) => "bearer <redacted>",
-            Auth::Basic { .. } => "basic <redacted>",
-        })
-    }
-}
-
-impl Serialize for Auth {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        let shown = |secret: &Secret| match secret {
-            Secret::Inline(_) => "<redacted>".to_owned(),
-            Secret::File(p) => format!("<redacted, from {}>", p.display()),
-        };
-        let mut map = BTreeMap::new();
-        match self {
-            Auth::None => return s.serialize_none(),
-            Auth::Bearer(t) => {
-                map.insert("token", shown(t));
-            }
-            Auth::Basic { user, password } => {
-                map.insert("user", user.clone());
-                map.insert("password", shown(password));
-            }
-        }
-        map.serialize(s)
-    }
-}
-
 impl SinkConfig {
     /// The URL requests are POSTed to: an `http` sink's endpoint as written; for the others,
     /// a base URL (path `/`) gets the API's path, and a URL with a path is used as written
@@ -474,49 +417,8 @@ fn validate_sink(raw: RawSink, i: usize, checkpoint_dir: &std::path::Path, cx: &
             );
         }
     }
-    // Read now as well as at each start: `check` then says what `run` would refuse.
-    for (field, file) in [("token_file", &raw.token_file), ("password_file", &raw.password_file)] {
-        if let Some(path) = file
-            && let Err(e) = std::fs::read(path)
-        {
-            cx.bad(format!("{at}.{field}"), format!("cannot read {}: {e}", path.display()));
-        }
-    }
-    let token = match (raw.token, raw.token_file) {
-        (Some(_), Some(_)) => {
-            cx.bad(format!("{at}.token_file"), "set `token` or `token_file`, not both");
-            None
-        }
-        (Some(t), None) => Some(Secret::Inline(t)),
-        (None, Some(f)) => Some(Secret::File(f)),
-        (None, None) => None,
-    };
-    let password = match (raw.password, raw.password_file) {
-        (Some(_), Some(_)) => {
-            cx.bad(format!("{at}.password_file"), "set `password` or `password_file`, not both");
-            None
-        }
-        (Some(p), None) => Some(Secret::Inline(p)),
-        (None, Some(f)) => Some(Secret::File(f)),
-        (None, None) => None,
-    };
-    let auth = match (token, raw.user, password) {
-        (None, None, None) => Auth::None,
-        (Some(t), None, None) => Auth::Bearer(t),
-        (None, Some(user), Some(password)) => Auth::Basic { user, password },
-        (None, Some(_), None) => {
-            cx.bad(format!("{at}.password"), "missing: a user needs a `password` or `password_file`");
-            Auth::None
-        }
-        (None, None, Some(_)) => {
-            cx.bad(format!("{at}.user"), "missing: a password needs a user");
-            Auth::None
-        }
-        (Some(_), ..) => {
-            cx.bad(format!("{at}.token"), "a sink takes a bearer token or a user and password, not both");
-            Auth::None
-        }
-    };
+    let auth =
+        auth::validate(&at, cx, (raw.token, raw.token_file), raw.user, (raw.password, raw.password_file));
     let only = |cx: &mut Ctx, field: &str, set: bool, kind_needed: SinkKind| {
         if set && kind != kind_needed {
             cx.bad(format!("{at}.{field}"), format!("only for `type: {}` sinks", serde_name(kind_needed)));
