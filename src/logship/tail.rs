@@ -207,7 +207,7 @@ impl Tail {
             if self.files[i].info.is_none() {
                 self.identify(i);
             } else {
-                self.check_truncation(i, chunk);
+                self.check_truncation(i);
             }
         }
         if !self.scanned {
@@ -283,7 +283,7 @@ impl Tail {
 
     /// A file now smaller than where reading got, or whose first line changed, was truncated
     /// or overwritten: what it held and was not read is lost; it is read again from 0.
-    fn check_truncation(&mut self, i: usize, chunk: &mut Chunk) {
+    fn check_truncation(&mut self, i: usize) {
         let f = &mut self.files[i];
         let Ok(meta) = f.file.metadata() else { return };
         let size = meta.len();
@@ -306,7 +306,6 @@ impl Tail {
             p.marks.remove(&info.id);
             p.changed = true;
         }
-        let _ = chunk;
         f.fp = None;
         f.read_pos = 0;
         f.carry = Carry::default();
@@ -382,7 +381,7 @@ impl Tail {
                 Ok(m) if m.len() > f.read_pos && fingerprint(&f.file) == f.fp => f.at_eof = false,
                 Ok(m) if m.len() == f.read_pos => return false,
                 Ok(_) => {
-                    self.check_truncation(i, chunk);
+                    self.check_truncation(i);
                     return false;
                 }
                 Err(_) => return false,
