@@ -26,6 +26,15 @@ const READ_CHUNK: usize = 16 * 1024;
 /// The shortest poll interval honoured: a zero interval would make the thread spin.
 const MIN_POLL: Duration = Duration::from_millis(10);
 
+/// How deep a tree group follows subdirectories. A ConfigMap's `items[].path` makes a few
+/// levels at most; the bound also ends a symlink loop.
+const MAX_TREE_DEPTH: usize = 8;
+
+/// Files one tree group reads at most each poll. A ConfigMap or Secret holds at most 1 MiB, so
+/// its files are few; the bound keeps a watch put on a large directory by mistake from
+/// turning this thread into a disk scanner.
+const MAX_TREE_FILES: usize = 1024;
+
 /// The watcher thread could not be started.
 #[derive(Debug, thiserror::Error)]
 #[error("start the sidecar-files thread: {0}")]
@@ -42,7 +51,8 @@ pub enum FileState {
     Unreadable(io::ErrorKind),
 }
 
-/// A group's files as one poll saw them, in the order they were given to [`FileWatcher::watch`].
+/// A group's files as one poll saw them, in the order they were given to [`FileWatcher::watch`]
+/// (a tree group's directories expanded in place, by name).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Snapshot {
     pub files: Vec<(PathBuf, FileState)>,
@@ -75,12 +85,14 @@ enum Command {
 struct Group {
     id: u64,
     paths: Vec<PathBuf>,
+    /// Directories among `paths` stand for the files under them ([`FileWatcher::watch_tree`]).
+    tree: bool,
     settle: Duration,
     tx: watch::Sender<Option<Snapshot>>,
     /// The states last reported (or the baseline of the first poll); `None` before it.
-    reported: Option<Vec<FileState>>,
+    reported: Option<Vec<(PathBuf, FileState)>>,
     /// States that differ from `reported`, and when they were first seen.
-    pending: Option<(Vec<FileState>, Instant)>,
+    pending: Option<(Vec<(PathBuf, FileState)>, Instant)>,
     /// When this group is read next.
     due: Instant,
 }
@@ -102,10 +114,32 @@ impl FileWatcher {
     ///
     /// Never waits for the thread. After [`FileWatcher::stop`] the watch just never fires.
     pub fn watch(&self, paths: Vec<PathBuf>, settle: Duration) -> Watch {
+        self.add(paths, false, settle)
+    }
+
+    /// As [`FileWatcher::watch`], but a path that is a directory (or a symlink to one) stands
+    /// for the files under it, subdirectories included, found again at every poll: a file
+    /// added or removed is a change too. Entries whose names start with `..` are left out:
+    /// in a ConfigMap or Secret volume they are the kubelet's own (`..data`, the timestamped
+    /// `..2026_12_03_…` directories, `..data_tmp`), and the user-visible names link through
+    /// `..data`, so one update is seen once, as the files the app reads.
+    pub fn watch_tree(&self, paths: Vec<PathBuf>, settle: Duration) -> Watch {
+        self.add(paths, true, settle)
+    }
+
+    fn add(&self, paths: Vec<PathBuf>, tree: bool, settle: Duration) -> Watch {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (state_tx, rx) = watch::channel(None);
-        let group =
-            Group { id, paths, settle, tx: state_tx, reported: None, pending: None, due: Instant::now() };
+        let group = Group {
+            id,
+            paths,
+            tree,
+            settle,
+            tx: state_tx,
+            reported: None,
+            pending: None,
+            due: Instant::now(),
+        };
         // When the thread has ended the group is dropped with the failed send, and its
         // sender with it: `changed` then returns `None`, which is all a caller needs to know.
         let _ = self.tx.send(Command::Add(group));
@@ -199,12 +233,20 @@ fn apply(cmd: Command, groups: &mut Vec<Group>) -> bool {
 impl Group {
     /// Reads every file of the group once and reports a change that has settled.
     fn poll(&mut self, buf: &mut [u8], poll: Duration) {
-        let states: Vec<FileState> = self.paths.iter().map(|p| digest_file(p, buf)).collect();
+        let states: Vec<(PathBuf, FileState)> = if self.tree {
+            let mut out = Vec::new();
+            for p in &self.paths {
+                digest_tree(p, 0, buf, &mut out);
+            }
+            out
+        } else {
+            self.paths.iter().map(|p| (p.clone(), digest_file(p, buf))).collect()
+        };
         let now = Instant::now();
         self.due = now + poll;
         let Some(reported) = &self.reported else {
             // The baseline is not a change: store it without waking `changed`.
-            let snapshot = self.snapshot(&states);
+            let snapshot = Snapshot { files: states.clone() };
             self.tx.send_if_modified(|v| {
                 *v = Some(snapshot);
                 false
@@ -222,7 +264,7 @@ impl Group {
             _ => now,
         };
         if now.duration_since(since) >= self.settle {
-            self.tx.send_replace(Some(self.snapshot(&states)));
+            self.tx.send_replace(Some(Snapshot { files: states.clone() }));
             self.reported = Some(states);
             self.pending = None;
         } else {
@@ -231,9 +273,37 @@ impl Group {
             self.pending = Some((states, since));
         }
     }
+}
 
-    fn snapshot(&self, states: &[FileState]) -> Snapshot {
-        Snapshot { files: self.paths.iter().cloned().zip(states.iter().copied()).collect() }
+/// `path`'s state, or, when it is a directory, the states of the files under it by name
+/// (see [`FileWatcher::watch_tree`]), appended to `out`.
+fn digest_tree(path: &Path, depth: usize, buf: &mut [u8], out: &mut Vec<(PathBuf, FileState)>) {
+    if out.len() >= MAX_TREE_FILES {
+        return;
+    }
+    // `metadata` follows symlinks: a volume's `config -> ..data/config` is read as what it
+    // points to.
+    let is_dir = std::fs::metadata(path).is_ok_and(|m| m.is_dir());
+    if !is_dir {
+        out.push((path.to_owned(), digest_file(path, buf)));
+        return;
+    }
+    if depth >= MAX_TREE_DEPTH {
+        return;
+    }
+    let mut names: Vec<std::ffi::OsString> = match std::fs::read_dir(path) {
+        Ok(entries) => entries
+            .filter_map(|e| e.ok().map(|e| e.file_name()))
+            .filter(|n| !n.as_encoded_bytes().starts_with(b".."))
+            .collect(),
+        Err(e) => {
+            out.push((path.to_owned(), FileState::Unreadable(e.kind())));
+            return;
+        }
+    };
+    names.sort();
+    for name in names {
+        digest_tree(&path.join(name), depth + 1, buf, out);
     }
 }
 
@@ -392,6 +462,66 @@ mod tests {
         std::os::unix::fs::symlink("v2", dir.path("..data_tmp")).unwrap();
         std::fs::rename(dir.path("..data_tmp"), dir.path("..data")).unwrap();
         assert_eq!(states(&next(&mut w).await), vec![sha(b"version: 2\n")]);
+    }
+
+    #[tokio::test]
+    async fn a_tree_is_its_visible_files_and_follows_a_volume_update() {
+        // A Secret volume with a nested key: `tls.crt` and `sub/` link through `..data`.
+        let dir = TempDir::new("tree");
+        for (ts, crt, extra) in [("..v1", "crt 1", "x 1"), ("..v2", "crt 2", "x 1")] {
+            std::fs::create_dir_all(dir.path(ts).join("sub")).unwrap();
+            std::fs::write(dir.path(ts).join("tls.crt"), crt).unwrap();
+            std::fs::write(dir.path(ts).join("sub/extra"), extra).unwrap();
+        }
+        std::os::unix::fs::symlink("..v1", dir.path("..data")).unwrap();
+        std::os::unix::fs::symlink("..data/tls.crt", dir.path("tls.crt")).unwrap();
+        std::os::unix::fs::symlink("..data/sub", dir.path("sub")).unwrap();
+
+        let files = FileWatcher::start(POLL).unwrap();
+        let mut w = files.watch_tree(vec![dir.0.clone()], Duration::ZERO);
+        let first = baseline(&w).await;
+        assert_eq!(
+            first.files,
+            vec![(dir.path("sub/extra"), sha(b"x 1")), (dir.path("tls.crt"), sha(b"crt 1"))],
+            "the kubelet's `..` entries are left out, subdirectories followed, by name"
+        );
+
+        std::os::unix::fs::symlink("..v2", dir.path("..data_tmp")).unwrap();
+        std::fs::rename(dir.path("..data_tmp"), dir.path("..data")).unwrap();
+        let change = next(&mut w).await;
+        assert_eq!(states(&change), vec![sha(b"x 1"), sha(b"crt 2")]);
+
+        // A new key is a change; a touch of the hidden directories is not.
+        std::fs::write(dir.path("..v2/new"), "n").unwrap();
+        quiet(&mut w, Duration::from_millis(200)).await;
+        std::os::unix::fs::symlink("..data/new", dir.path("new")).unwrap();
+        let change = next(&mut w).await;
+        assert_eq!(change.files[0], (dir.path("new"), sha(b"n")));
+        std::fs::remove_file(dir.path("new")).unwrap();
+        assert_eq!(next(&mut w).await, first_with(&dir, b"crt 2"));
+
+        fn first_with(dir: &TempDir, crt: &[u8]) -> Snapshot {
+            Snapshot { files: vec![(dir.path("sub/extra"), sha(b"x 1")), (dir.path("tls.crt"), sha(crt))] }
+        }
+    }
+
+    #[tokio::test]
+    async fn a_tree_group_on_a_missing_path_reports_it_unreadable_then_its_files() {
+        let dir = TempDir::new("tree-missing");
+        let vol = dir.path("vol");
+        let files = FileWatcher::start(POLL).unwrap();
+        let mut w = files.watch_tree(vec![vol.clone()], Duration::ZERO);
+        assert_eq!(
+            baseline(&w).await.files,
+            vec![(vol.clone(), FileState::Unreadable(io::ErrorKind::NotFound))]
+        );
+        std::fs::create_dir(&vol).unwrap();
+        // An empty directory: no files, which differs from "missing".
+        assert_eq!(next(&mut w).await.files, vec![]);
+        // Written beside the tree and renamed in, so no poll sees a temporary name.
+        std::fs::write(dir.path("a"), b"a").unwrap();
+        std::fs::rename(dir.path("a"), vol.join("a")).unwrap();
+        assert_eq!(next(&mut w).await.files, vec![(vol.join("a"), sha(b"a"))]);
     }
 
     #[tokio::test]
