@@ -15,6 +15,7 @@ pub mod admin;
 pub mod app;
 pub mod inbound;
 pub mod logship;
+pub mod notify;
 pub mod outbound;
 mod parse;
 pub mod runtime;
@@ -25,6 +26,7 @@ pub use admin::AdminConfig;
 pub use app::{AppConfig, HealthConfig, HttpVersion};
 pub use inbound::{InboundConfig, InboundTls, Limits, Protocol};
 pub use logship::LogshipConfig;
+pub use notify::NotifyConfig;
 pub use outbound::{
     Balance, EndpointName, OutboundConfig, OutlierConfig, RetryConfig, UpstreamConfig, UpstreamTls,
 };
@@ -47,6 +49,8 @@ pub struct Config {
     pub inbound: Vec<InboundConfig>,
     pub outbound: Vec<OutboundConfig>,
     pub logship: Option<LogshipConfig>,
+    /// Config-change notifications to the app (`crate::k8s::notify`).
+    pub notify: Vec<NotifyConfig>,
     pub telemetry: TelemetryConfig,
     pub shutdown: ShutdownConfig,
     pub runtime: RuntimeConfig,
@@ -97,6 +101,7 @@ struct RawConfig {
     outbound: Vec<outbound::RawOutbound>,
     telemetry: telemetry::RawTelemetry,
     logship: Option<logship::RawLogship>,
+    notify: Vec<notify::RawNotify>,
     shutdown: shutdown::RawShutdown,
     runtime: runtime::RawRuntime,
 }
@@ -266,17 +271,18 @@ fn validate(raw: RawConfig, problems: &mut Vec<Problem>) -> Config {
     // without what it asks for.
     let outbound = outbound::validate(raw.outbound, &mut cx, admin.listen, &inbound);
     let logship = raw.logship.map(|l| logship::validate(l, &mut cx));
-    if inbound.is_empty() && outbound.is_empty() && logship.is_none() {
+    let notify = notify::validate(raw.notify, &mut cx);
+    if inbound.is_empty() && outbound.is_empty() && logship.is_none() && notify.is_empty() {
         cx.bad(
             "",
-            "nothing to do: at least one of `inbound`, `outbound` or `logship` is needed, for example \
-             `inbound: [{ name: web, listen: 0.0.0.0:15006 }]`",
+            "nothing to do: at least one of `inbound`, `outbound`, `logship` or `notify` is needed, for \
+             example `inbound: [{ name: web, listen: 0.0.0.0:15006 }]`",
         );
     }
     let telemetry = telemetry::validate(raw.telemetry, &mut cx);
     let shutdown = shutdown::validate(raw.shutdown, &mut cx);
     let runtime = runtime::validate(raw.runtime, &mut cx);
-    Config { admin, app, inbound, outbound, logship, telemetry, shutdown, runtime }
+    Config { admin, app, inbound, outbound, logship, notify, telemetry, shutdown, runtime }
 }
 
 #[cfg(test)]

@@ -572,8 +572,11 @@ mod tests {
     }
 
     #[test]
-    fn nothing_to_do_names_all_three_sections() {
+    fn nothing_to_do_names_every_section_that_is_work() {
         let err = parse_str("admin: { listen: 127.0.0.1:15000 }\n").unwrap_err().to_string();
-        assert!(err.contains("at least one of `inbound`, `outbound` or `logship` is needed"), "{err}");
+        assert!(
+            err.contains("at least one of `inbound`, `outbound`, `logship` or `notify` is needed"),
+            "{err}"
+        );
     }
 }

@@ -564,7 +564,7 @@ def test_check_names_bad_outbound_fields(tmp_path):
     none = tmp_path / "none.yaml"
     none.write_text(f"admin: {{ listen: 127.0.0.1:{free_port()} }}\n")
     p = run_sidecar_cmd("check", "-c", none)
-    assert p.returncode == 1 and "at least one of `inbound`, `outbound` or `logship` is needed" in p.stderr, p.stderr
+    assert p.returncode == 1 and "at least one of `inbound`, `outbound`, `logship` or `notify` is needed" in p.stderr, p.stderr
 
     ok = tmp_path / "ok.yaml"
     ok.write_text("outbound: [{ name: orders, listen: 127.0.0.1:15993, upstream: { endpoints: [\"orders.test:8080\", \"127.0.0.7:8080\"] } }]\n")
