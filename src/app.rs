@@ -18,6 +18,7 @@ use crate::drain::Drain;
 use crate::files::FileWatcher;
 use crate::health;
 use crate::inbound::{Families, Inbound, Recorders};
+use crate::k8s::notify;
 use crate::logship;
 use crate::readiness::Readiness;
 use crate::telemetry::{AccessLog, LogHandle, Tracer, metrics};
@@ -76,6 +77,7 @@ async fn serve(config: Config, path: Option<PathBuf>, log: Option<LogHandle>) ->
     let access_log = AccessLog::start(&config.telemetry.access_log, &mut registry)?;
     let tracer = Tracer::start(config.telemetry.tracing.as_ref(), &mut registry)?;
     let logship_metrics = logship::Metrics::register(&mut registry);
+    let notify_metrics = notify::Metrics::register(&mut registry);
     let histograms = listener_metrics.histograms();
     let exposition = Arc::new(metrics::Exposition::new(Arc::new(registry), histograms, started));
     let board = Arc::new(Board::default());
@@ -112,6 +114,9 @@ async fn serve(config: Config, path: Option<PathBuf>, log: Option<LogHandle>) ->
     inbound.apply(&config)?;
     let mut shipping = logship::Slot::new(logship_metrics, files.clone());
     shipping.apply(config.logship.as_ref(), config.shutdown.drain_timeout).await?;
+    // Config-change notifications follow the running config, as the health checker does.
+    notify::start(config_rx.clone(), files.clone(), notify_metrics, drain_watch.clone())
+        .context("starting config-change notifications")?;
     inbound_ready.set(true);
     tokio::spawn(health::run(config_rx, app_ready, app_ready_gauge, drain_watch));
 

@@ -10,6 +10,7 @@ pub mod drain;
 pub mod files;
 pub mod health;
 pub mod inbound;
+pub mod k8s;
 pub mod logship;
 pub mod net;
 pub mod outbound;

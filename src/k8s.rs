@@ -1,0 +1,4 @@
+//! Sidecar in Kubernetes: adding it to workloads (`inject`, by hand or by the admission
+//! `webhook`) and telling the app when its mounted config changes (`notify`).
+
+pub mod notify;
