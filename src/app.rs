@@ -145,10 +145,27 @@ async fn serve(config: Config, path: Option<PathBuf>, log: Option<LogHandle>) ->
         }
     };
 
-    let drain_timeout =
-        reloader.as_ref().map_or(config.shutdown.drain_timeout, |r| r.current().shutdown.drain_timeout);
-    tracing::info!(signal = why, timeout = ?drain_timeout, "draining: not ready, no new connections, finishing requests in flight");
+    let shutdown = reloader.as_ref().map_or(&config.shutdown, |r| &r.current().shutdown).clone();
+    let drain_timeout = shutdown.drain_timeout;
     readiness.set_draining();
+    // Kubernetes removes the pod from its Services' endpoints while it sends SIGTERM, but
+    // kube-proxy, ingress controllers and cloud load balancers learn of it seconds later and
+    // keep sending until then: closing the listeners now would refuse that traffic. So first
+    // only `/ready` says 503, for `drain_delay` (the preStop sleep, built in); the drain's
+    // timeout starts after it, as Envoy's drain time follows Istio's preStop wait.
+    if !shutdown.drain_delay.is_zero() {
+        tracing::info!(signal = why, delay = ?shutdown.drain_delay, "not ready; serving on until the drain begins");
+        let forced = tokio::select! {
+            _ = tokio::time::sleep(shutdown.drain_delay) => false,
+            _ = sigterm.recv() => true,
+            _ = sigint.recv() => true,
+        };
+        if forced {
+            tracing::warn!("second signal during drain_delay: exiting now");
+            return Ok(Exit::Forced);
+        }
+    }
+    tracing::info!(signal = why, timeout = ?drain_timeout, "draining: not ready, no new connections, finishing requests in flight");
     drain.start();
     // The shipper sends what it read and checkpoints while the proxy drains, side by side.
     let shipped = tokio::task::spawn_blocking(move || shipping.stop(drain_timeout));

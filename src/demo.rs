@@ -134,27 +134,13 @@ pub fn config(addrs: &DemoAddrs) -> Result<Config, config::ConfigError> {
 /// Starts the demo app and the two demo upstreams, each listening on its own address, on
 /// a thread of their own. Returns once they are listening.
 pub fn start_app(addrs: &mut DemoAddrs) -> std::io::Result<()> {
-    let bind = |addr: SocketAddr| {
-        let l = std::net::TcpListener::bind(addr)
-            .map_err(|e| std::io::Error::new(e.kind(), format!("binding {addr}: {e}")))?;
-        l.set_nonblocking(true)?;
-        Ok::<_, std::io::Error>(l)
-    };
     let app = bind(addrs.app)?;
     let steady = bind(addrs.upstreams[0])?;
     let flaky = bind(addrs.upstreams[1])?;
     let logs = bind(addrs.logs)?;
     addrs.upstreams = [steady.local_addr()?, flaky.local_addr()?];
     addrs.logs = logs.local_addr()?;
-    let path = addrs.app_log();
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)?;
-    }
-    let log_file = std::fs::OpenOptions::new().create(true).append(true).open(&path)?;
-    let shared = Shared {
-        app_log: Arc::new(Mutex::new(log_file)),
-        received: Arc::new(Mutex::new(std::collections::VecDeque::new())),
-    };
+    let shared = Shared::open(&addrs.app_log())?;
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     std::thread::Builder::new().name("demo-app".into()).spawn(move || {
         runtime.block_on(async move {
@@ -167,11 +153,61 @@ pub fn start_app(addrs: &mut DemoAddrs) -> std::io::Result<()> {
     Ok(())
 }
 
+/// `sidecar demo-app`: the demo app alone, as the app container of a pod (the image has no
+/// other program), on `listen`, logging a JSON line a request to `log_file`. Serves until
+/// SIGTERM or SIGINT and then returns at once: in-flight requests are the sidecar's to drain.
+/// The handlers matter: as a container's PID 1 the process would otherwise ignore SIGTERM
+/// and be killed ten seconds later by `docker stop`.
+pub fn run_app(listen: SocketAddr, log_file: &std::path::Path) -> std::io::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    runtime.block_on(async {
+        let mut sigterm = signal(SignalKind::terminate())?;
+        let mut sigint = signal(SignalKind::interrupt())?;
+        let app = bind(listen)?;
+        let shared = Shared::open(log_file)?;
+        eprintln!(
+            "demo app listening on {}, logging requests to {}; try /, /healthz, /slow?ms=N, /status/N",
+            app.local_addr()?,
+            log_file.display()
+        );
+        tokio::select! {
+            _ = serve(app, Server::App, shared) => {}
+            _ = sigterm.recv() => eprintln!("demo app: SIGTERM, exiting"),
+            _ = sigint.recv() => eprintln!("demo app: SIGINT, exiting"),
+        }
+        Ok(())
+    })
+}
+
+/// A non-blocking listener for a demo server; the error names the address.
+fn bind(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
+    let l = std::net::TcpListener::bind(addr)
+        .map_err(|e| std::io::Error::new(e.kind(), format!("binding {addr}: {e}")))?;
+    l.set_nonblocking(true)?;
+    Ok(l)
+}
+
 /// What the demo servers share: the app's log file, and the lines the receiver got.
 #[derive(Clone)]
 struct Shared {
     app_log: Arc<Mutex<std::fs::File>>,
     received: Arc<Mutex<std::collections::VecDeque<String>>>,
+}
+
+impl Shared {
+    /// Opens (creating it and its directory) the app's log file, for appending.
+    fn open(log_file: &std::path::Path) -> std::io::Result<Shared> {
+        let named = |e: std::io::Error| std::io::Error::new(e.kind(), format!("{}: {e}", log_file.display()));
+        if let Some(dir) = log_file.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(named)?;
+        }
+        let file = std::fs::OpenOptions::new().create(true).append(true).open(log_file).map_err(named)?;
+        Ok(Shared {
+            app_log: Arc::new(Mutex::new(file)),
+            received: Arc::new(Mutex::new(std::collections::VecDeque::new())),
+        })
+    }
 }
 
 /// The receiver keeps this many of the lines shipped to it.

@@ -2,6 +2,9 @@
 //!
 //! Draining works by counting: each connection holds a `DrainWatch`; when the drain begins
 //! they finish what is in flight and drop it, and `Drain::wait` returns once none is left.
+//! `client` is the other end: `sidecar drain`, which asks a running process to begin one.
+
+pub mod client;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};

@@ -65,6 +65,24 @@ enum Command {
         #[arg(long, default_value = "127.0.0.1:15001")]
         outbound: SocketAddr,
     },
+    /// The embedded demo app alone, without a sidecar: the app container of a demo pod.
+    DemoApp {
+        /// Where the demo app listens.
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        listen: SocketAddr,
+        /// The file it appends a JSON line a request to (created, with its directory).
+        #[arg(long)]
+        log_file: PathBuf,
+    },
+    /// Ask a running sidecar to drain (POST /shutdown) and wait until it has exited: a preStop hook.
+    Drain {
+        /// The sidecar's admin server.
+        #[arg(long, default_value = "127.0.0.1:15000")]
+        admin: SocketAddr,
+        /// Give up, with exit status 1, if the sidecar is still running after this long.
+        #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+        timeout: std::time::Duration,
+    },
     /// A dev CA and workload certificates, for mTLS without a mesh.
     Certs {
         #[command(subcommand)]
@@ -111,6 +129,10 @@ fn main() -> ExitCode {
             let logs = SocketAddr::new(app.ip(), 0);
             run_demo(demo::DemoAddrs { listen, https, mtls, admin, app, outbound, upstreams, logs, certs })
         }
+        Command::DemoApp { listen, log_file } => {
+            demo::run_app(listen, &log_file).context("demo app").map(|()| Exit::Drained)
+        }
+        Command::Drain { admin, timeout } => drain(admin, timeout),
         Command::Certs { action } => certs(action),
         Command::Version => {
             println!(
@@ -156,6 +178,12 @@ fn check(path: PathBuf) -> ExitCode {
             ExitCode::from(1)
         }
     }
+}
+
+fn drain(admin: SocketAddr, timeout: std::time::Duration) -> anyhow::Result<Exit> {
+    let took = sidecar::drain::client::drain(admin, timeout)?;
+    eprintln!("sidecar at {admin}: drained and exited after {:.1}s", took.as_secs_f64());
+    Ok(Exit::Drained)
 }
 
 fn certs(action: CertsCommand) -> anyhow::Result<Exit> {

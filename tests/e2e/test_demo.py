@@ -93,3 +93,41 @@ def test_demo_prints_working_curl_lines_and_exits_0_on_ctrl_c(tmp_path):
             p.wait(5)
             rc = None
     assert rc == 0, f"demo exit status after SIGINT: {rc}"
+
+
+@pytest.mark.timeout(30)
+def test_demo_app_alone_serves_logs_each_request_and_exits_0_on_sigterm(tmp_path):
+    """`sidecar demo-app`: the image's app container. No sidecar in front: requests reach it
+    directly, each is a JSON line in --log-file (whose directory it creates), and SIGTERM ends
+    it with status 0."""
+    port = free_port()
+    log_file = tmp_path / "logs" / "app.log"
+    err_f = tmp_path / "demo-app.stderr"
+    with open(err_f, "wb") as err:
+        p = subprocess.Popen([str(SIDECAR_BIN), "demo-app", "--listen", f"127.0.0.1:{port}", "--log-file", str(log_file)],
+                             stdout=subprocess.DEVNULL, stderr=err, stdin=subprocess.DEVNULL, start_new_session=True,
+                             preexec_fn=die_with_parent)
+    try:
+        wait_until(lambda: http_request(port, "/healthz", timeout=1).status == 200, 10, what="demo-app /healthz")
+        r = http_request(port, "/")
+        assert r.status == 200 and r.json()["message"] == "hello from the demo app", r.body
+        assert r.json()["forwarded_for"] is None, "nothing is in front of the demo app"
+        assert http_request(port, "/status/503").status == 503
+        lines = wait_until(lambda: [json.loads(line) for line in log_file.read_text().splitlines()], 5, what="log lines")
+        assert [(rec["path"], rec["status"], rec["level"]) for rec in lines] == [("/", 200, "info"), ("/status/503", 503, "error")]
+        assert f"127.0.0.1:{port}" in err_f.read_text()
+        p.send_signal(signal.SIGTERM)
+        assert p.wait(5) == 0
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait(5)
+
+
+def test_demo_app_names_a_log_file_it_cannot_open(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    p = subprocess.run([str(SIDECAR_BIN), "demo-app", "--listen", f"127.0.0.1:{free_port()}", "--log-file", str(blocker / "app.log")],
+                       capture_output=True, text=True, timeout=10)
+    assert p.returncode == 1
+    assert str(blocker / "app.log") in p.stderr and "demo app" in p.stderr, p.stderr

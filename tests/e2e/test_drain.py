@@ -1,6 +1,8 @@
 """Graceful drain on SIGTERM, SIGINT and POST /shutdown: /ready 503 at once, listeners closed,
 in-flight requests and streams completed, `Connection: close` for HTTP/1, GOAWAY for HTTP/2,
-exit 0; bounded by drain_timeout; a second signal exits at once."""
+exit 0; bounded by drain_timeout; a second signal exits at once. With `shutdown.drain_delay`,
+everything is served as usual (only /ready says 503) for that long first. `sidecar drain`
+(the preStop hook) asks for a drain and returns once the process has gone."""
 
 import re
 import signal
@@ -11,7 +13,7 @@ import time
 import pytest
 
 from h2_clients import RawH2
-from helpers import http_request, make_config, wait_until
+from helpers import free_port, http_request, make_config, run_sidecar_cmd, wait_until
 from raw_http1 import ConnectionClosed, RawConn
 
 
@@ -179,3 +181,103 @@ def test_get_shutdown_is_not_allowed(web):
     time.sleep(0.3)
     web.sc.assert_alive()
     assert web.sc.ready_status() == 200
+
+
+def _with_delay(cfg, delay):
+    cfg["shutdown"]["drain_delay"] = delay
+    return cfg
+
+
+def test_drain_delay_serves_new_connections_while_ready_says_503(http_app, start_sidecar):
+    sc = start_sidecar(_with_delay(make_config(http_app.port, drain_timeout="10s"), "2s"))
+    port = sc.port("web")
+    kept = RawConn(port)
+    try:
+        assert kept.request("/").status == 200
+        t0 = time.monotonic()
+        sc.signal(signal.SIGTERM)
+        wait_until(lambda: sc.ready_status() == 503, 0.5, interval=0.02, what="/ready 503 right after the signal")
+        assert "draining" in sc.admin("/ready").body.decode()
+        # Served as if nothing happened: new connections, and keep-alive without `close`.
+        served = 0
+        while time.monotonic() - t0 < 1.6:
+            r = http_request(port, "/", timeout=2)
+            assert r.status == 200, f"a new connection during drain_delay got {r.status}"
+            k = kept.request("/")
+            assert k.status == 200 and (k.header("Connection") or "").lower() != "close", (
+                f"keep-alive response during drain_delay: {k.status} {k.headers}"
+            )
+            assert sc.ready_status() == 503
+            served += 1
+            time.sleep(0.1)
+        assert served >= 5
+        # Then the usual drain: new connections refused, the idle keep-alive one closed.
+        wait_until(lambda: _new_connection_refused(port), 3, interval=0.05, what="new connections refused after the delay")
+        refused_after = time.monotonic() - t0
+        assert refused_after > 1.9, f"the listener closed {refused_after:.2f}s after SIGTERM, before drain_delay 2s"
+        rc = sc.wait_exit(5)
+    finally:
+        kept.close()
+    assert rc == 0
+    took = time.monotonic() - t0
+    assert 1.9 < took < 4, f"an idle sidecar with drain_delay 2s exited after {took:.2f}s"
+
+
+def test_drain_timeout_counts_from_the_end_of_the_delay(http_app, start_sidecar):
+    cfg = _with_delay(make_config(http_app.port, drain_timeout="1s", request_timeout="120s"), "1500ms")
+    sc = start_sidecar(cfg)
+    _in_background(http_request, sc.port("web"), "/slow?ms=60000", timeout=30)
+    _wait_inflight(http_app)
+    t0 = time.monotonic()
+    sc.signal(signal.SIGTERM)
+    rc = sc.wait_exit(10)
+    took = time.monotonic() - t0
+    assert 2.4 < took < 5, f"drain_delay 1.5s + drain_timeout 1s, but the exit took {took:.2f}s"
+    assert rc == 0
+
+
+def test_second_signal_during_drain_delay_exits_at_once(http_app, start_sidecar):
+    sc = start_sidecar(_with_delay(make_config(http_app.port, drain_timeout="10s"), "30s"))
+    sc.signal(signal.SIGTERM)
+    wait_until(lambda: sc.ready_status() == 503, 0.5, interval=0.02, what="/ready 503 right after the signal")
+    assert http_request(sc.port("web"), "/", timeout=2).status == 200
+    t0 = time.monotonic()
+    sc.signal(signal.SIGINT)
+    rc = sc.wait_exit(5)
+    assert time.monotonic() - t0 < 1.5
+    assert rc == 1, f"exit status {rc} after a second signal cut the delay short (INTERFACE: 1)"
+
+
+def test_drain_command_asks_for_a_drain_and_returns_once_the_process_is_gone(http_app, start_sidecar):
+    sc = start_sidecar(_with_delay(make_config(http_app.port, drain_timeout="10s"), "1s"))
+    t, out = _in_background(http_request, sc.port("web"), "/slow?ms=2000", timeout=15)
+    _wait_inflight(http_app)
+    sc.stopped_by_test = True
+    t0 = time.monotonic()
+    p = run_sidecar_cmd("drain", "--admin", f"127.0.0.1:{sc.admin_port}", "--timeout", "10s")
+    took = time.monotonic() - t0
+    assert p.returncode == 0, f"sidecar drain: {p.returncode}\n{p.stderr}"
+    # Gone: its admin port refuses connections only once the process exits.
+    assert sc.wait_exit(1) == 0
+    assert took > 1.5, f"sidecar drain returned after {took:.2f}s, with a 2 s request in flight"
+    t.join(5)
+    assert out.get("result") is not None and out["result"].status == 200, out
+    assert "drained and exited" in p.stderr, p.stderr
+
+
+def test_drain_command_names_what_is_wrong(http_app, start_sidecar):
+    nobody = free_port()
+    p = run_sidecar_cmd("drain", "--admin", f"127.0.0.1:{nobody}", "--timeout", "2s")
+    assert p.returncode == 1
+    assert f"nothing answers at 127.0.0.1:{nobody}" in p.stderr and "admin.listen" in p.stderr, p.stderr
+
+    sc = start_sidecar(make_config(http_app.port, drain_timeout="30s", request_timeout="120s"))
+    _in_background(http_request, sc.port("web"), "/slow?ms=60000", timeout=60)
+    _wait_inflight(http_app)
+    t0 = time.monotonic()
+    p = run_sidecar_cmd("drain", "--admin", f"127.0.0.1:{sc.admin_port}", "--timeout", "1s")
+    sc.stopped_by_test = True
+    assert p.returncode == 1, p.stderr
+    assert "still running 1s after it was asked to drain" in p.stderr, p.stderr
+    assert 0.9 < time.monotonic() - t0 < 4
+    assert sc.alive() and sc.ready_status() == 503
