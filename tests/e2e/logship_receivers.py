@@ -165,9 +165,10 @@ class LogReceiver:
     """A sink endpoint of one `kind`; `endpoint` is its base URL, `url` what the http sink
     posts to."""
 
-    def __init__(self, kind="http", port=0):
+    def __init__(self, kind="http", port=0, host=LOCALHOST):
         assert kind in KINDS, kind
         self.kind = kind
+        self.host = host  # another address than loopback: a container's sidecar ships to it
         self.records: list[Record] = []
         self.requests: list[Request] = []
         self.problems: list[str] = []
@@ -192,7 +193,7 @@ class LogReceiver:
     # --- addresses ----------------------------------------------------------------------
     @property
     def endpoint(self) -> str:
-        return f"http://{LOCALHOST}:{self.port}"
+        return f"http://{self.host}:{self.port}"
 
     @property
     def url(self) -> str:
@@ -256,7 +257,7 @@ class LogReceiver:
             return
         for _ in range(100):  # a reset connection may hold the port for a moment
             try:
-                self.server = ThreadingHTTPServer((LOCALHOST, self.port), self._handler())
+                self.server = ThreadingHTTPServer((self.host, self.port), self._handler())
                 break
             except OSError:
                 if not self.port:
