@@ -31,9 +31,11 @@ use crate::config::notify::{NotifyConfig, NotifyHttp, NotifyRetry, NotifySignal,
 use crate::drain::DrainWatch;
 use crate::files::{FileState, FileWatcher, Snapshot, Watch};
 
-/// How often a new watch looks for its first poll's result (the state changes are measured
-/// from). The file watcher reads a new group at once, so this is a few milliseconds at start.
+/// How often a new watch first looks for its first poll's result (the state changes are
+/// measured from). The file watcher reads a new group at once, so this is a few milliseconds;
+/// the wait doubles up to [`BASELINE_POLL_MAX`] while the watcher is stuck on a hung volume.
 const BASELINE_POLL: Duration = Duration::from_millis(10);
+const BASELINE_POLL_MAX: Duration = Duration::from_secs(1);
 
 /// An app's answer is read for its status only; more than this of body is not read.
 const MAX_ANSWER: usize = 64 << 10;
@@ -202,11 +204,13 @@ fn apply(
 /// come while the app is being told collapse into the latest (the watch keeps only that), so
 /// a slow app is told again once, of where the files are now.
 async fn run_watch(mut watch: Watch, cfg: watch::Receiver<Arc<NotifyConfig>>, metrics: WatchMetrics) {
+    let mut wait = BASELINE_POLL;
     let mut told = loop {
         if let Some(s) = watch.current() {
             break s;
         }
-        tokio::time::sleep(BASELINE_POLL).await;
+        tokio::time::sleep(wait).await;
+        wait = (wait * 2).min(BASELINE_POLL_MAX);
     };
     while let Some(now) = watch.changed().await {
         let changed = changed_files(&told, &now);
