@@ -100,14 +100,18 @@ async fn serve(listener: std::net::TcpListener, state: AdminState) {
     }
 }
 
-fn reply(status: StatusCode, content_type: &'static str, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
+pub(crate) fn reply(
+    status: StatusCode,
+    content_type: &'static str,
+    body: impl Into<Bytes>,
+) -> Response<Full<Bytes>> {
     let mut r = Response::new(Full::new(body.into()));
     *r.status_mut() = status;
     r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
     r
 }
 
-fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
+pub(crate) fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
     reply(status, "text/plain; charset=utf-8", body)
 }
 
@@ -158,13 +162,18 @@ fn wants(req: &Request<Incoming>, needle: &str) -> bool {
 }
 
 fn metrics(req: &Request<Incoming>, state: &AdminState) -> Response<Full<Bytes>> {
+    scrape(req, &state.metrics)
+}
+
+/// A `/metrics` answer in the format the scraper asked for; the webhook's admin uses it too.
+pub(crate) fn scrape(req: &Request<Incoming>, metrics: &Exposition) -> Response<Full<Bytes>> {
     let (format, content_type) = if wants(req, "application/openmetrics-text") {
         (Format::OpenMetrics, "application/openmetrics-text; version=1.0.0; charset=utf-8")
     } else {
         (Format::Prometheus, "text/plain; version=0.0.4; charset=utf-8")
     };
     let mut out = String::with_capacity(32 * 1024);
-    if let Err(e) = state.metrics.encode(format, &mut out) {
+    if let Err(e) = metrics.encode(format, &mut out) {
         return text(StatusCode::INTERNAL_SERVER_ERROR, format!("encoding metrics: {e}\n"));
     }
     reply(StatusCode::OK, content_type, out)

@@ -21,6 +21,7 @@ mod parse;
 pub mod runtime;
 pub mod shutdown;
 pub mod telemetry;
+pub mod webhook;
 
 pub use admin::AdminConfig;
 pub use app::{AppConfig, HealthConfig, HttpVersion};
@@ -112,18 +113,30 @@ struct RawConfig {
 
 /// Reads, parses and validates `file`.
 pub fn load(file: &Path) -> Result<Config, ConfigError> {
-    let text = std::fs::read_to_string(file).map_err(|e| ConfigError {
+    parse(file, &read(file)?)
+}
+
+fn read(file: &Path) -> Result<String, ConfigError> {
+    std::fs::read_to_string(file).map_err(|e| ConfigError {
         file: file.to_owned(),
         problems: vec![Problem { path: String::new(), message: format!("cannot read the file: {e}") }],
-    })?;
-    parse(file, &text)
+    })
 }
 
 /// Parses and validates config text; `file` only names it in errors.
 pub fn parse(file: &Path, text: &str) -> Result<Config, ConfigError> {
+    parse_with(file, text, validate)
+}
+
+/// Raw `R` → validated `C`: structural problems first, then what `validate` finds in the
+/// rest of the file. Shared by the sidecar's config and the webhook's.
+fn parse_with<R: serde::de::DeserializeOwned, C>(
+    file: &Path,
+    text: &str,
+    validate: impl FnOnce(R, &mut Vec<Problem>) -> C,
+) -> Result<C, ConfigError> {
     let fail = |problems| ConfigError { file: file.to_owned(), problems };
-    let (raw, mut problems) = parse_raw(text).map_err(fail)?;
-    // Structural problems first, then what validation finds in the rest of the file.
+    let (raw, mut problems) = parse_raw::<R>(text).map_err(fail)?;
     let config = validate(raw, &mut problems);
     if problems.is_empty() { Ok(config) } else { Err(fail(problems)) }
 }
@@ -131,7 +144,7 @@ pub fn parse(file: &Path, text: &str) -> Result<Config, ConfigError> {
 /// YAML → raw types, collecting every structural error (unknown field, wrong type) rather
 /// than the first: each error's node is removed and the parse tried again, so the raw config
 /// returned is the file less its broken parts, ready for `validate` to find the rest.
-fn parse_raw(text: &str) -> Result<(RawConfig, Vec<Problem>), Vec<Problem>> {
+fn parse_raw<T: serde::de::DeserializeOwned>(text: &str) -> Result<(T, Vec<Problem>), Vec<Problem>> {
     let mut value: Value = if text.trim().is_empty() {
         Value::Null
     } else {
@@ -143,7 +156,7 @@ fn parse_raw(text: &str) -> Result<(RawConfig, Vec<Problem>), Vec<Problem>> {
     }
     let mut problems: Vec<Problem> = Vec::new();
     loop {
-        match serde_path_to_error::deserialize::<_, RawConfig>(value.clone()) {
+        match serde_path_to_error::deserialize::<_, T>(value.clone()) {
             Ok(raw) => return Ok((raw, problems)),
             Err(err) => {
                 let path = err.path().to_string();

@@ -11,6 +11,7 @@ use clap::{Parser, Subcommand};
 use sidecar::app::{self, Exit};
 use sidecar::config::{self, LogFormat};
 use sidecar::demo;
+use sidecar::k8s::inject;
 use sidecar::telemetry::logging;
 use sidecar::tls::certs;
 
@@ -83,6 +84,28 @@ enum Command {
         #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
         timeout: std::time::Duration,
     },
+    /// Add Sidecar to the workloads in Kubernetes YAML: the result on stdout, a report on stderr.
+    Inject {
+        /// A file, a directory (its .yaml, .yml and .json files, recursively) or `-` for
+        /// standard input; may be given more than once.
+        #[arg(short = 'f', long = "filename", required = true)]
+        files: Vec<PathBuf>,
+        /// Add a plain container instead of a native sidecar (for clusters before 1.29).
+        #[arg(long)]
+        no_native: bool,
+        /// The sidecar image (default sidecar:VERSION); a pod's sidecar.dev/image annotation wins.
+        #[arg(long)]
+        image: Option<String>,
+        /// The ConfigMap holding sidecar.yaml (default sidecar-config); sidecar.dev/config wins.
+        #[arg(long)]
+        config_map: Option<String>,
+    },
+    /// The mutating admission webhook that injects Sidecar into pods as they are created.
+    Webhook {
+        /// The webhook's config file (YAML): listen address, serving certificate, defaults.
+        #[arg(short, long, env = "SIDECAR_WEBHOOK_CONFIG")]
+        config: PathBuf,
+    },
     /// A dev CA and workload certificates, for mTLS without a mesh.
     Certs {
         #[command(subcommand)]
@@ -109,6 +132,17 @@ enum CertsCommand {
         dns: Vec<String>,
         out: PathBuf,
     },
+    /// The admission webhook's serving certificate and CA, and OUT/kustomization.yaml, an
+    /// overlay of deploy/webhook with the Secret and caBundle: `kubectl apply -k OUT`.
+    Webhook {
+        /// The namespace the webhook runs in.
+        #[arg(long, default_value = sidecar::k8s::webhook::install::DEFAULT_NAMESPACE)]
+        namespace: String,
+        /// The webhook's Service, which the API server calls.
+        #[arg(long, default_value = sidecar::k8s::webhook::install::DEFAULT_SERVICE)]
+        service: String,
+        out: PathBuf,
+    },
 }
 
 fn main() -> ExitCode {
@@ -133,6 +167,13 @@ fn main() -> ExitCode {
             demo::run_app(listen, &log_file).context("demo app").map(|()| Exit::Drained)
         }
         Command::Drain { admin, timeout } => drain(admin, timeout),
+        Command::Inject { files, no_native, image, config_map } => {
+            let mut settings = inject::Settings { native: !no_native, ..Default::default() };
+            settings.image = image.unwrap_or(settings.image);
+            settings.config_map = config_map.unwrap_or(settings.config_map);
+            return inject(&settings, &files);
+        }
+        Command::Webhook { config } => webhook(config),
         Command::Certs { action } => certs(action),
         Command::Version => {
             println!(
@@ -180,14 +221,51 @@ fn check(path: PathBuf) -> ExitCode {
     }
 }
 
+/// All or nothing: the output is printed only once every document has been injected.
+fn inject(settings: &inject::Settings, files: &[PathBuf]) -> ExitCode {
+    match inject::manifest::inject_files(settings, files) {
+        Ok((yaml, lines)) => {
+            print!("{yaml}");
+            for line in &lines {
+                eprintln!("{line}");
+            }
+            let injected = lines.iter().filter(|l| l.outcome == Some(inject::Outcome::Injected)).count();
+            eprintln!("sidecar inject: {injected} of {} objects injected", lines.len());
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("sidecar inject: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
 fn drain(admin: SocketAddr, timeout: std::time::Duration) -> anyhow::Result<Exit> {
     let took = sidecar::drain::client::drain(admin, timeout)?;
     eprintln!("sidecar at {admin}: drained and exited after {:.1}s", took.as_secs_f64());
     Ok(Exit::Drained)
 }
 
+fn webhook(path: PathBuf) -> anyhow::Result<Exit> {
+    let file = config::webhook::load(&path)?;
+    logging::init(&file.log_level, file.log_format)?;
+    let clean = sidecar::k8s::webhook::run(file).context("webhook")?;
+    if !clean {
+        tracing::warn!("webhook: reviews still in flight at the end of the drain");
+    }
+    Ok(Exit::Drained)
+}
+
 fn certs(action: CertsCommand) -> anyhow::Result<Exit> {
     match action {
+        CertsCommand::Webhook { namespace, service, out } => {
+            sidecar::k8s::webhook::install::write(&namespace, &service, &out)?;
+            println!(
+                "wrote {out}/tls.crt, tls.key (0600) and ca.crt for {service}.{namespace}.svc, the CA in {out}/ca/, \
+                 and {out}/kustomization.yaml: install with `kubectl apply -k {out}`",
+                out = out.display()
+            );
+        }
         CertsCommand::Init { dir } => {
             certs::init(&dir)?;
             println!(
