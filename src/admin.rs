@@ -80,7 +80,7 @@ async fn serve(listener: std::net::TcpListener, state: AdminState) {
         }
     };
     loop {
-        let (stream, _) = match listener.accept().await {
+        let (stream, peer) = match listener.accept().await {
             Ok(a) => a,
             Err(e) => {
                 tracing::warn!(error = %e, "admin accept failed");
@@ -92,7 +92,7 @@ async fn serve(listener: std::net::TcpListener, state: AdminState) {
         tokio::spawn(async move {
             let svc = service_fn(move |req| {
                 let state = state.clone();
-                async move { Ok::<_, Infallible>(route(req, &state).await) }
+                async move { Ok::<_, Infallible>(route(req, &state, peer).await) }
             });
             let _ =
                 hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), svc).await;
@@ -115,7 +115,16 @@ pub(crate) fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Full<
     reply(status, "text/plain; charset=utf-8", body)
 }
 
-async fn route(req: Request<Incoming>, state: &AdminState) -> Response<Full<Bytes>> {
+async fn route(req: Request<Incoming>, state: &AdminState, peer: SocketAddr) -> Response<Full<Bytes>> {
+    if controls(req.uri().path(), req.method())
+        && !peer.ip().is_loopback()
+        && !state.config.borrow().admin.remote_control
+    {
+        return text(
+            StatusCode::FORBIDDEN,
+            "only from inside the pod (a loopback peer); set admin.remote_control: true to allow it from elsewhere\n",
+        );
+    }
     let path = req.uri().path();
     let method = req.method().clone();
     match (path, &method) {
@@ -147,14 +156,36 @@ async fn route(req: Request<Incoming>, state: &AdminState) -> Response<Full<Byte
             let _ = state.shutdown.try_send(());
             text(StatusCode::OK, "draining\n")
         }
-        ("/" | "/stats" | "/live" | "/ready" | "/metrics" | "/config" | "/log-level" | "/shutdown", _) => {
-            text(StatusCode::METHOD_NOT_ALLOWED, format!("{method} is not allowed on {path}\n"))
+        // Kubernetes runs a native sidecar's preStop hook as soon as the pod starts
+        // terminating, beside the app's, but sends SIGTERM only once the app has exited
+        // (KEP-753). So the hook only announces: the pod leaves the endpoints, while the app
+        // keeps its inbound, outbound and log shipping until it is gone; SIGTERM drains.
+        ("/prestop", &Method::POST) => {
+            tracing::info!("the pod is terminating (preStop): not ready from now on, serving until SIGTERM");
+            state.readiness.set_draining();
+            text(StatusCode::OK, "not ready; serving until SIGTERM\n")
         }
+        (
+            "/" | "/stats" | "/live" | "/ready" | "/metrics" | "/config" | "/log-level" | "/shutdown"
+            | "/prestop",
+            _,
+        ) => text(StatusCode::METHOD_NOT_ALLOWED, format!("{method} is not allowed on {path}\n")),
         _ => text(
             StatusCode::NOT_FOUND,
-            "not found; try /, /stats, /live, /ready, /metrics, /config, /log-level, /shutdown\n",
+            "not found; try /, /stats, /live, /ready, /metrics, /config, /log-level, /shutdown, /prestop\n",
         ),
     }
+}
+
+/// The endpoints that change the process or show its config: loopback peers only, unless
+/// `admin.remote_control`.
+fn controls(path: &str, method: &Method) -> bool {
+    matches!(
+        (path, method),
+        ("/shutdown" | "/prestop", &Method::POST)
+            | ("/log-level", &Method::PUT | &Method::POST)
+            | ("/config", _)
+    )
 }
 
 fn wants(req: &Request<Incoming>, needle: &str) -> bool {

@@ -83,6 +83,10 @@ enum Command {
         /// Give up, with exit status 1, if the sidecar is still running after this long.
         #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
         timeout: std::time::Duration,
+        /// Only announce it (POST /prestop) and return at once: /ready turns 503 and the
+        /// sidecar serves on until SIGTERM. The preStop hook `sidecar inject` writes.
+        #[arg(long)]
+        announce: bool,
     },
     /// Add Sidecar to the workloads in Kubernetes YAML: the result on stdout, a report on stderr.
     Inject {
@@ -166,7 +170,7 @@ fn main() -> ExitCode {
         Command::DemoApp { listen, log_file } => {
             demo::run_app(listen, &log_file).context("demo app").map(|()| Exit::Drained)
         }
-        Command::Drain { admin, timeout } => drain(admin, timeout),
+        Command::Drain { admin, timeout, announce } => drain(admin, timeout, announce),
         Command::Inject { files, no_native, image, config_map } => {
             let mut settings = inject::Settings { native: !no_native, ..Default::default() };
             settings.image = image.unwrap_or(settings.image);
@@ -240,7 +244,12 @@ fn inject(settings: &inject::Settings, files: &[PathBuf]) -> ExitCode {
     }
 }
 
-fn drain(admin: SocketAddr, timeout: std::time::Duration) -> anyhow::Result<Exit> {
+fn drain(admin: SocketAddr, timeout: std::time::Duration, announce: bool) -> anyhow::Result<Exit> {
+    if announce {
+        sidecar::drain::client::announce(admin)?;
+        eprintln!("sidecar at {admin}: not ready from now on; serving until SIGTERM");
+        return Ok(Exit::Drained);
+    }
     let took = sidecar::drain::client::drain(admin, timeout)?;
     eprintln!("sidecar at {admin}: drained and exited after {:.1}s", took.as_secs_f64());
     Ok(Exit::Drained)

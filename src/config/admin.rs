@@ -18,10 +18,14 @@ pub const DEFAULT_ADMIN_LISTEN: SocketAddr = SocketAddr::V4(SocketAddrV4::new(Ip
 #[serde(deny_unknown_fields, default)]
 pub(super) struct RawAdmin {
     listen: Option<String>,
+    remote_control: Option<bool>,
 }
 
 pub(super) fn validate(raw: RawAdmin, cx: &mut Ctx) -> AdminConfig {
-    AdminConfig { listen: raw.listen.map_or(DEFAULT_ADMIN_LISTEN, |l| cx.addr("admin.listen", &l)) }
+    AdminConfig {
+        listen: raw.listen.map_or(DEFAULT_ADMIN_LISTEN, |l| cx.addr("admin.listen", &l)),
+        remote_control: raw.remote_control.unwrap_or(false),
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -29,6 +33,10 @@ pub struct AdminConfig {
     /// Where the admin server listens. Default [`DEFAULT_ADMIN_LISTEN`], 127.0.0.1:15000:
     /// never a public address unless the file says so.
     pub listen: SocketAddr,
+    /// False (the default): `POST /shutdown`, `POST /prestop`, `PUT /log-level` and
+    /// `GET /config` answer only peers on loopback, so that a pod can expose `/metrics` and
+    /// the probes on `0.0.0.0` without letting the network stop or reconfigure it.
+    pub remote_control: bool,
 }
 
 #[cfg(test)]
@@ -41,5 +49,6 @@ mod tests {
         assert_eq!(smallest().admin.listen, DEFAULT_ADMIN_LISTEN);
         // The reason for the default: `/shutdown` must not be reachable from the network.
         assert!(DEFAULT_ADMIN_LISTEN.ip().is_loopback());
+        assert!(!smallest().admin.remote_control);
     }
 }

@@ -22,10 +22,10 @@ pub enum DrainError {
         "nothing answers at {addr}: {error}; is the sidecar running with admin.listen there (--admin ADDR)?"
     )]
     Unreachable { addr: SocketAddr, error: std::io::Error },
-    #[error("POST http://{addr}/shutdown: {error}")]
-    Request { addr: SocketAddr, error: std::io::Error },
-    #[error("POST http://{addr}/shutdown answered `{status}`: {body}")]
-    Refused { addr: SocketAddr, status: String, body: String },
+    #[error("POST http://{addr}{path}: {error}")]
+    Request { addr: SocketAddr, path: &'static str, error: std::io::Error },
+    #[error("POST http://{addr}{path} answered `{status}`: {body}")]
+    Refused { addr: SocketAddr, path: &'static str, status: String, body: String },
     #[error("the sidecar at {addr} is still running {timeout:?} after it was asked to drain")]
     Timeout { addr: SocketAddr, timeout: Duration },
 }
@@ -34,7 +34,7 @@ pub enum DrainError {
 /// port refuses connections (the process has exited), for at most `timeout` in all.
 pub fn drain(admin: SocketAddr, timeout: Duration) -> Result<Duration, DrainError> {
     let started = Instant::now();
-    request_shutdown(admin)?;
+    post(admin, "/shutdown")?;
     loop {
         match TcpStream::connect_timeout(&admin, IO_TIMEOUT) {
             // The listener is closed only when the process exits: the admin server keeps
@@ -46,13 +46,20 @@ pub fn drain(admin: SocketAddr, timeout: Duration) -> Result<Duration, DrainErro
     }
 }
 
-fn request_shutdown(addr: SocketAddr) -> Result<(), DrainError> {
+/// `sidecar drain --announce`, a native sidecar's preStop hook: `POST /prestop`, so the pod
+/// turns not ready while the sidecar keeps serving the app until the kubelet's SIGTERM, which
+/// comes only after the app has exited. Returns at once.
+pub fn announce(admin: SocketAddr) -> Result<(), DrainError> {
+    post(admin, "/prestop")
+}
+
+fn post(addr: SocketAddr, path: &'static str) -> Result<(), DrainError> {
     let mut conn = TcpStream::connect_timeout(&addr, IO_TIMEOUT)
         .map_err(|error| DrainError::Unreachable { addr, error })?;
-    let request = |error| DrainError::Request { addr, error };
+    let request = |error| DrainError::Request { addr, path, error };
     conn.set_read_timeout(Some(IO_TIMEOUT)).map_err(request)?;
     conn.set_write_timeout(Some(IO_TIMEOUT)).map_err(request)?;
-    write!(conn, "POST /shutdown HTTP/1.1\r\nHost: {addr}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+    write!(conn, "POST {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
         .map_err(request)?;
     // `Connection: close`: the answer ends where the stream does. Small, so bounded.
     let mut answer = Vec::new();
@@ -62,7 +69,7 @@ fn request_shutdown(addr: SocketAddr) -> Result<(), DrainError> {
     let status = head.lines().next().unwrap_or_default();
     match status.split(' ').nth(1) {
         Some(code) if code.starts_with('2') => Ok(()),
-        _ => Err(DrainError::Refused { addr, status: status.to_owned(), body: body.trim().to_owned() }),
+        _ => Err(DrainError::Refused { addr, path, status: status.to_owned(), body: body.trim().to_owned() }),
     }
 }
 

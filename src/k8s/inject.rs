@@ -384,7 +384,11 @@ fn container(s: &Settings, app_container: &str) -> Container {
         readiness_probe: Some(probe("/ready", 2, 1)),
         lifecycle: Some(Lifecycle {
             pre_stop: Some(LifecycleHandler {
-                exec: Some(ExecAction { command: Some(vec!["/sidecar".to_owned(), "drain".to_owned()]) }),
+                // Announce only: this hook runs when the pod starts terminating, beside the
+                // app's; the drain itself follows the SIGTERM (README "Kubernetes").
+                exec: Some(ExecAction {
+                    command: Some(vec!["/sidecar".to_owned(), "drain".to_owned(), "--announce".to_owned()]),
+                }),
                 ..Default::default()
             }),
             ..Default::default()

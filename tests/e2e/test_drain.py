@@ -7,6 +7,7 @@ everything is served as usual (only /ready says 503) for that long first. `sidec
 import re
 import signal
 import socket
+import subprocess
 import threading
 import time
 
@@ -281,3 +282,52 @@ def test_drain_command_names_what_is_wrong(http_app, start_sidecar):
     assert "still running 1s after it was asked to drain" in p.stderr, p.stderr
     assert 0.9 < time.monotonic() - t0 < 4
     assert sc.alive() and sc.ready_status() == 503
+
+
+def test_announce_is_the_native_sidecars_prestop_not_ready_but_serving_until_sigterm(http_app, start_sidecar):
+    # Kubernetes runs a native sidecar's preStop beside the app's, at deletion, and sends its
+    # SIGTERM only after the app has exited: the hook must not stop the sidecar.
+    sc = start_sidecar(make_config(http_app.port, drain_timeout="5s"))
+    keep = RawConn(sc.port("web"), timeout=3)
+    assert keep.request("/").status == 200
+    p = run_sidecar_cmd("drain", "--announce", "--admin", f"127.0.0.1:{sc.admin_port}")
+    assert p.returncode == 0, p.stderr
+    assert sc.ready_status() == 503
+    assert "draining" in http_request(sc.admin_port, "/ready").body.decode()
+    time.sleep(1.0)
+    # New connections and the kept-alive one are served as before, without Connection: close.
+    assert http_request(sc.port("web"), "/", timeout=2).status == 200
+    r = keep.request("/")
+    assert r.status == 200 and (r.header("connection") or "").lower() != "close"
+    assert sc.proc.poll() is None, "the announcement alone never stops the sidecar"
+    keep.close()
+    sc.signal(signal.SIGTERM)
+    assert sc.wait_exit(10) == 0
+
+
+def test_admin_controls_answer_only_loopback_peers_unless_allowed(http_app, start_sidecar):
+    # A pod exposes the admin port on 0.0.0.0 for the kubelet and Prometheus; the network
+    # must not be able to stop the sidecar or read its config.
+    addrs = subprocess.run(["hostname", "-I"], capture_output=True, text=True).stdout.split()
+    outside = next((a for a in addrs if "." in a and not a.startswith("127.")), None)
+    if outside is None:
+        pytest.skip("this machine has no non-loopback IPv4 address to connect from")
+    for remote_control in (False, True):
+        cfg = make_config(http_app.port)
+        admin = free_port()
+        cfg["admin"] = {"listen": f"0.0.0.0:{admin}", "remote_control": remote_control}
+        sc = start_sidecar(cfg)
+        assert http_request(admin, "/metrics", host=outside).status == 200
+        assert http_request(admin, "/ready", host=outside).status == 200
+        want = 200 if remote_control else 403
+        assert http_request(admin, "/config", host=outside).status == want
+        assert http_request(admin, "/log-level", method="PUT", body=b"debug", host=outside).status in ((200,) if remote_control else (403,))
+        assert http_request(admin, "/config").status == 200, "loopback peers always may"
+        r = http_request(admin, "/prestop", method="POST", host=outside)
+        assert r.status == want, r.body
+        if not remote_control:
+            assert b"admin.remote_control" in r.body
+            assert http_request(admin, "/shutdown", method="POST", host=outside).status == 403
+            assert sc.proc.poll() is None
+        sc.signal(signal.SIGTERM)
+        assert sc.wait_exit(10) == 0

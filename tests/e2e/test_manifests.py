@@ -201,7 +201,7 @@ def test_probes_and_scraping_reach_the_admin_port(base):
     assert s["startupProbe"]["httpGet"] == {"path": "/live", "port": admin}, "startup on /ready would wait for an app that starts after it"
     assert s["livenessProbe"]["httpGet"] == {"path": "/live", "port": admin}
     assert s["readinessProbe"]["httpGet"] == {"path": "/ready", "port": admin}
-    assert s["lifecycle"]["preStop"]["exec"]["command"] == ["/sidecar", "drain"]
+    assert s["lifecycle"]["preStop"]["exec"]["command"] == ["/sidecar", "drain", "--announce"]
     assert base.annotations["prometheus.io/scrape"] == "true"
     assert base.annotations["prometheus.io/port"] == str(admin)
     assert base.annotations["prometheus.io/path"] == "/metrics"

@@ -39,7 +39,10 @@ fn a_deployment_gets_a_native_sidecar_first_with_its_volume_and_annotation() {
     assert_eq!(sidecar["args"], json!(["run", "-c", "/etc/sidecar/config/sidecar.yaml"]));
     assert_eq!(sidecar["startupProbe"]["httpGet"]["path"], "/live");
     assert_eq!(sidecar["readinessProbe"]["httpGet"]["port"], 15000);
-    assert_eq!(sidecar["lifecycle"]["preStop"]["exec"]["command"], json!(["/sidecar", "drain"]));
+    assert_eq!(
+        sidecar["lifecycle"]["preStop"]["exec"]["command"],
+        json!(["/sidecar", "drain", "--announce"])
+    );
     assert_eq!(sidecar["securityContext"]["runAsNonRoot"], true);
     assert_eq!(sidecar["resources"]["requests"]["memory"], "32Mi");
     assert_eq!(sidecar["env"][3], json!({ "name": "CONTAINER_NAME", "value": "app" }));
