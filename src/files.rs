@@ -343,34 +343,12 @@ fn read_digest(path: &Path, buf: &mut [u8], used: &mut usize) -> io::Result<[u8;
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::time::SystemTime;
 
     const POLL: Duration = Duration::from_millis(20);
     /// Long enough for a loaded CI machine, short next to a human's patience.
     const WAIT: Duration = Duration::from_secs(3);
 
-    /// A directory of its own under the system temp dir, removed at the end.
-    struct TempDir(PathBuf);
-
-    impl TempDir {
-        fn new(test: &str) -> TempDir {
-            let nanos = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap().as_nanos();
-            let dir =
-                std::env::temp_dir().join(format!("sidecar-files-{test}-{}-{nanos}", std::process::id()));
-            std::fs::create_dir_all(&dir).unwrap();
-            TempDir(dir)
-        }
-
-        fn path(&self, name: &str) -> PathBuf {
-            self.0.join(name)
-        }
-    }
-
-    impl Drop for TempDir {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
+    use crate::testing::TempDir;
 
     /// Replaces a file atomically, as a careful writer does, so no poll sees it half written.
     fn put(path: &Path, bytes: &[u8]) {
@@ -415,7 +393,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_content_change_is_reported() {
-        let dir = TempDir::new("change");
+        let dir = TempDir::new("files-change");
         let (cert, key) = (dir.path("cert.pem"), dir.path("key.pem"));
         put(&cert, b"cert 1");
         put(&key, b"key 1");
@@ -432,7 +410,7 @@ mod tests {
 
     #[tokio::test]
     async fn the_same_bytes_written_again_are_no_change() {
-        let dir = TempDir::new("same");
+        let dir = TempDir::new("files-same");
         let f = dir.path("config.yaml");
         put(&f, b"a: 1\n");
         let files = FileWatcher::start(POLL).unwrap();
@@ -447,7 +425,7 @@ mod tests {
     async fn a_symlink_swap_is_followed() {
         // A Kubernetes ConfigMap volume: config.yaml -> ..data/config.yaml, ..data -> a
         // timestamped directory, and an update swaps `..data` with a rename.
-        let dir = TempDir::new("symlink");
+        let dir = TempDir::new("files-symlink");
         std::fs::create_dir(dir.path("v1")).unwrap();
         std::fs::create_dir(dir.path("v2")).unwrap();
         std::fs::write(dir.path("v1/config.yaml"), b"version: 1\n").unwrap();
@@ -467,7 +445,7 @@ mod tests {
     #[tokio::test]
     async fn a_tree_is_its_visible_files_and_follows_a_volume_update() {
         // A Secret volume with a nested key: `tls.crt` and `sub/` link through `..data`.
-        let dir = TempDir::new("tree");
+        let dir = TempDir::new("files-tree");
         for (ts, crt, extra) in [("..v1", "crt 1", "x 1"), ("..v2", "crt 2", "x 1")] {
             std::fs::create_dir_all(dir.path(ts).join("sub")).unwrap();
             std::fs::write(dir.path(ts).join("tls.crt"), crt).unwrap();
@@ -507,7 +485,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_tree_group_on_a_missing_path_reports_it_unreadable_then_its_files() {
-        let dir = TempDir::new("tree-missing");
+        let dir = TempDir::new("files-tree-missing");
         let vol = dir.path("vol");
         let files = FileWatcher::start(POLL).unwrap();
         let mut w = files.watch_tree(vec![vol.clone()], Duration::ZERO);
@@ -526,7 +504,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_deleted_then_recreated_file_is_two_changes() {
-        let dir = TempDir::new("deleted");
+        let dir = TempDir::new("files-deleted");
         let f = dir.path("key.pem");
         put(&f, b"key");
         let files = FileWatcher::start(POLL).unwrap();
@@ -541,7 +519,7 @@ mod tests {
 
     #[tokio::test]
     async fn settle_joins_two_quick_writes_into_one_change() {
-        let dir = TempDir::new("settle");
+        let dir = TempDir::new("files-settle");
         let (cert, key) = (dir.path("cert.pem"), dir.path("key.pem"));
         put(&cert, b"cert 1");
         put(&key, b"key 1");
@@ -565,7 +543,7 @@ mod tests {
 
     #[tokio::test]
     async fn watch_and_unwatch_do_not_wait_for_a_stuck_read() {
-        let dir = TempDir::new("fifo");
+        let dir = TempDir::new("files-fifo");
         let fifo = dir.path("hung");
         let status = std::process::Command::new("mkfifo").arg(&fifo).status().unwrap();
         assert!(status.success());
@@ -603,7 +581,7 @@ mod tests {
 
     #[tokio::test]
     async fn stop_ends_every_watch() {
-        let dir = TempDir::new("stop");
+        let dir = TempDir::new("files-stop");
         let f = dir.path("f");
         put(&f, b"a");
         let files = FileWatcher::start(POLL).unwrap();

@@ -17,4 +17,6 @@ pub mod outbound;
 pub mod proxy;
 pub mod readiness;
 pub mod telemetry;
+#[cfg(test)]
+mod testing;
 pub mod tls;

@@ -181,7 +181,7 @@ fn main() -> ExitCode {
         Command::Certs { action } => certs(action),
         Command::Version => {
             println!(
-                "sidecar {} (commit {})\nfeatures: http1 http2 grpc websocket tcp tls mtls admin metrics access-log hot-reload outbound tracing logship notify",
+                "sidecar {} (commit {})\nfeatures: http1 http2 grpc websocket tcp tls mtls admin metrics access-log hot-reload outbound tracing logship notify inject webhook",
                 env!("CARGO_PKG_VERSION"),
                 env!("SIDECAR_GIT_COMMIT"),
             );

@@ -302,23 +302,6 @@ fn unique_names<'a>(cx: &mut Ctx, at: &str, names: impl Iterator<Item = &'a str>
     }
 }
 
-fn name(cx: &mut Ctx, at: &str, name: Option<String>) -> String {
-    match name {
-        Some(n) if !n.is_empty() && n.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) => n,
-        Some(n) => {
-            cx.bad(
-                format!("{at}.name"),
-                format!("`{n}` is not a name: letters, digits, `-`, `_` and `.` only"),
-            );
-            n
-        }
-        None => {
-            cx.bad(format!("{at}.name"), "missing");
-            String::new()
-        }
-    }
-}
-
 fn size(cx: &mut Ctx, path: &str, raw: Option<&Scalar>, default: u64) -> u64 {
     match raw.map(parse_size) {
         None => default,
@@ -336,7 +319,7 @@ fn size(cx: &mut Ctx, path: &str, raw: Option<&Scalar>, default: u64) -> u64 {
 
 fn validate_source(raw: RawSource, i: usize, cx: &mut Ctx) -> SourceConfig {
     let at = format!("logship.sources[{i}]");
-    let name = name(cx, &at, raw.name);
+    let name = cx.name(&at, raw.name, "missing");
     if raw.paths.is_empty() {
         cx.bad(format!("{at}.paths"), "missing: globs of the files to tail, like /var/log/app/*.log");
     }
@@ -394,7 +377,7 @@ fn validate_source(raw: RawSource, i: usize, cx: &mut Ctx) -> SourceConfig {
 
 fn validate_sink(raw: RawSink, i: usize, checkpoint_dir: &std::path::Path, cx: &mut Ctx) -> SinkConfig {
     let at = format!("logship.sinks[{i}]");
-    let name = name(cx, &at, raw.name);
+    let name = cx.name(&at, raw.name, "missing");
     let kind = raw.kind.unwrap_or_else(|| {
         cx.bad(format!("{at}.type"), "missing: http, loki, elasticsearch or otlp");
         SinkKind::Http

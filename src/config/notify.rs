@@ -190,20 +190,7 @@ pub(super) fn validate(raw: Vec<RawNotify>, cx: &mut Ctx) -> Vec<NotifyConfig> {
 
 fn validate_watch(raw: RawNotify, i: usize, cx: &mut Ctx) -> NotifyConfig {
     let at = format!("notify[{i}]");
-    let name = match raw.name {
-        Some(n) if !n.is_empty() && n.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) => n,
-        Some(n) => {
-            cx.bad(
-                format!("{at}.name"),
-                format!("`{n}` is not a name: letters, digits, `-`, `_` and `.` only"),
-            );
-            n
-        }
-        None => {
-            cx.bad(format!("{at}.name"), "missing: a name for metrics and logs, like `app-config`");
-            String::new()
-        }
-    };
+    let name = cx.name(&at, raw.name, "missing: a name for metrics and logs, like `app-config`");
     if raw.paths.is_empty() {
         cx.bad(
             format!("{at}.paths"),

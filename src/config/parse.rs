@@ -59,6 +59,27 @@ impl<'a> Ctx<'a> {
         }
     }
 
+    /// `{at}.name`: the label a section's entry goes by in metrics and logs, so letters,
+    /// digits, `-`, `_` and `.` only. `missing` says what to write when there is none.
+    pub(super) fn name(&mut self, at: &str, name: Option<String>, missing: &str) -> String {
+        match name {
+            Some(n) if !n.is_empty() && n.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) => {
+                n
+            }
+            Some(n) => {
+                self.bad(
+                    format!("{at}.name"),
+                    format!("`{n}` is not a name: letters, digits, `-`, `_` and `.` only"),
+                );
+                n
+            }
+            None => {
+                self.bad(format!("{at}.name"), missing);
+                String::new()
+            }
+        }
+    }
+
     pub(super) fn duration(&mut self, path: &str, raw: Option<&Scalar>, default: Duration) -> Duration {
         match raw {
             None => default,

@@ -542,28 +542,7 @@ mod tests {
     use super::*;
     use crate::config::Problem;
 
-    /// A directory of its own under the system temp dir, removed at the end.
-    struct TempDir(PathBuf);
-
-    impl TempDir {
-        fn new(test: &str) -> TempDir {
-            let nanos = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap().as_nanos();
-            let dir =
-                std::env::temp_dir().join(format!("sidecar-notify-{test}-{}-{nanos}", std::process::id()));
-            std::fs::create_dir_all(&dir).unwrap();
-            TempDir(dir)
-        }
-
-        fn path(&self, name: &str) -> PathBuf {
-            self.0.join(name)
-        }
-    }
-
-    impl Drop for TempDir {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
+    use crate::testing::TempDir;
 
     /// What the kubelet's atomic writer (pkg/volume/util/atomic_writer.go) does to a volume:
     /// the new content in a new timestamped directory, a `..data_tmp` link to it renamed over
@@ -676,7 +655,7 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_kubelet_update_is_one_notification_and_a_rewrite_of_the_same_content_none() {
-        let dir = TempDir::new("kubelet");
+        let dir = TempDir::new("notify-kubelet");
         let vol = dir.path("config");
         std::fs::create_dir(&vol).unwrap();
         kubelet_update(&vol, 1, &[("app.yaml", "a: 1\n"), ("old.yaml", "x")], Duration::ZERO);
@@ -812,7 +791,7 @@ mod tests {
 
     #[test]
     fn processes_are_found_by_comm_or_argv0_topmost_only() {
-        let dir = TempDir::new("proc");
+        let dir = TempDir::new("notify-proc");
         let proc_ = |pid: i32, ppid: i32, state: char, comm: &str, cmdline: &[u8]| {
             let d = dir.path(&pid.to_string());
             std::fs::create_dir(&d).unwrap();
@@ -842,7 +821,7 @@ mod tests {
 
     #[test]
     fn a_pid_file_must_hold_a_process_id() {
-        let dir = TempDir::new("pidfile");
+        let dir = TempDir::new("notify-pidfile");
         let f = dir.path("app.pid");
         assert!(read_pid_file(&f).unwrap_err().contains("No such file"));
         std::fs::write(&f, "1234\n").unwrap();
@@ -855,7 +834,7 @@ mod tests {
 
     #[test]
     fn a_signal_reaches_a_real_child_found_by_pid_file() {
-        let dir = TempDir::new("signal");
+        let dir = TempDir::new("notify-signal");
         // `sleep` takes SIGUSR1's default action: it dies of it, which we can see.
         let mut child = std::process::Command::new("sleep").arg("30").spawn().unwrap();
         let f = dir.path("app.pid");
