@@ -123,7 +123,13 @@ async fn serve(config: Config, path: Option<PathBuf>, log: Option<LogHandle>) ->
     let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut sigint = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
     let mut sighup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
-    let mut reloader = path.map(|p| Reloader::new(p, config_tx, reload_metrics, log, &files));
+    // Without a file to reload (`sidecar demo`) the sender is kept here instead, so that what
+    // follows the config (health checks, config-change notifications) runs on the first one
+    // rather than seeing the channel close and stopping.
+    let (mut reloader, _unreloadable) = match path {
+        Some(p) => (Some(Reloader::new(p, config_tx, reload_metrics, log, &files)), None),
+        None => (None, Some(config_tx)),
+    };
 
     let why = loop {
         tokio::select! {

@@ -47,6 +47,11 @@ impl DemoAddrs {
     pub fn app_log(&self) -> std::path::PathBuf {
         self.certs.join("app-logs").join("app.log")
     }
+
+    /// The app's "mounted ConfigMap": the sidecar tells the app when it changes.
+    pub fn app_config(&self) -> std::path::PathBuf {
+        self.certs.join("app-config")
+    }
 }
 
 /// The identity of the demo's client certificate, the only one the mTLS listener lets in.
@@ -63,6 +68,10 @@ pub fn make_certs(addrs: &DemoAddrs) -> Result<(), crate::tls::certs::CertsError
     certs::init(&dir.join("ca"))?;
     let dns = ["localhost".to_owned(), "127.0.0.1".to_owned()];
     certs::issue(&dir.join("ca"), "spiffe://cluster.local/ns/demo/sa/app", &dns, &dir.join("server"))?;
+    let app_config = addrs.app_config();
+    std::fs::create_dir_all(&app_config)
+        .and_then(|()| std::fs::write(app_config.join("greeting"), "hello\n"))
+        .map_err(|error| certs::CertsError::Io { path: app_config.clone(), error })?;
     certs::issue(&dir.join("ca"), CLIENT_ID, &[], &dir.join("client"))
 }
 
@@ -108,6 +117,8 @@ logship:
 telemetry:
   log_level: info
   access_log: {{ enabled: true, format: json, path: stdout }}
+notify:
+  - {{ name: app-config, paths: [\"{app_config}\"], debounce: 500ms, http: {{ url: \"http://{app}/-/reload\" }} }}
 shutdown:
   drain_timeout: 5s
 ",
@@ -123,6 +134,7 @@ shutdown:
         flaky = addrs.upstreams[1],
         logs = addrs.logs,
         app_logs = addrs.app_log().parent().map(|p| p.display().to_string()).unwrap_or_default(),
+        app_config = addrs.app_config().display(),
     )
 }
 
@@ -193,6 +205,8 @@ fn bind(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
 struct Shared {
     app_log: Arc<Mutex<std::fs::File>>,
     received: Arc<Mutex<std::collections::VecDeque<String>>>,
+    /// The config-change notifications the app got: how many, and the last body.
+    told: Arc<Mutex<(u64, String)>>,
 }
 
 impl Shared {
@@ -206,6 +220,7 @@ impl Shared {
         Ok(Shared {
             app_log: Arc::new(Mutex::new(file)),
             received: Arc::new(Mutex::new(std::collections::VecDeque::new())),
+            told: Arc::new(Mutex::new((0, String::new()))),
         })
     }
 }
@@ -263,6 +278,10 @@ the sidecar tails it and ships every line to a receiver, which shows the last on
   curl -s http://{logs}/
   curl -s {admin}/metrics | grep sidecar_logship_
 
+Config-change notifications: the sidecar watches {app_config} as it would a mounted
+ConfigMap and, when its content changes, POSTs to the app's /-/reload, which shows what it was told:
+  echo hi > {app_config}/greeting; sleep 2; curl -s http://{app}/-/reload
+
 Config in use:
 {config}
 Ctrl-C drains and exits.
@@ -272,6 +291,7 @@ Ctrl-C drains and exits.
         outbound = addrs.outbound,
         logs = addrs.logs,
         app_log = addrs.app_log().display(),
+        app_config = addrs.app_config().display(),
         certs = addrs.certs.display(),
         https_port = addrs.https.port(),
         mtls_port = addrs.mtls.port(),
@@ -300,7 +320,7 @@ async fn serve(listener: std::net::TcpListener, role: Server, shared: Shared) {
                     Ok::<_, Infallible>(match role {
                         Server::App => {
                             let (method, path) = (req.method().clone(), req.uri().path().to_owned());
-                            let resp = app(req).await;
+                            let resp = app(req, &shared).await;
                             // The sidecar's health checks would drown the requests a person makes.
                             if path != "/healthz" {
                                 write_app_log(&shared, &method, &path, resp.status());
@@ -332,9 +352,25 @@ fn query_u64(req: &Request<Incoming>, key: &str) -> Option<u64> {
     req.uri().query()?.split('&').find_map(|kv| kv.strip_prefix(key)?.strip_prefix('=')?.parse().ok())
 }
 
-async fn app(mut req: Request<Incoming>) -> Response<AppBody> {
+async fn app(mut req: Request<Incoming>, shared: &Shared) -> Response<AppBody> {
     let path = req.uri().path().to_owned();
     match path.as_str() {
+        // Where the sidecar says the app's config changed (`notify`); GET shows what it said.
+        "/-/reload" if req.method() == http::Method::POST => {
+            let body = req.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+            if let Ok(mut told) = shared.told.lock() {
+                *told = (told.0 + 1, String::from_utf8_lossy(&body).into_owned());
+            }
+            full(StatusCode::OK, "text/plain", "reloaded\n")
+        }
+        "/-/reload" => {
+            let (count, last) = shared.told.lock().map(|t| t.clone()).unwrap_or_default();
+            full(
+                StatusCode::OK,
+                "text/plain",
+                format!("told of {count} config change(s); the last: {last}\n"),
+            )
+        }
         "/" => {
             let body = serde_json::json!({
                 "message": "hello from the demo app",
@@ -380,7 +416,7 @@ async fn app(mut req: Request<Incoming>) -> Response<AppBody> {
         _ => full(
             StatusCode::NOT_FOUND,
             "text/plain",
-            "demo app: try /, /headers, /echo, /slow?ms=N, /status/N, /ws, /healthz\n",
+            "demo app: try /, /headers, /echo, /slow?ms=N, /status/N, /ws, /healthz, /-/reload\n",
         ),
     }
 }

@@ -2,9 +2,11 @@
 and /metrics change as it is used, and Ctrl-C (SIGINT) exits 0."""
 
 import json
+import re
 import shlex
 import signal
 import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -83,6 +85,13 @@ def test_demo_prints_working_curl_lines_and_exits_0_on_ctrl_c(tmp_path):
         m = Metrics(http_request(ADMIN, "/metrics").body.decode())
         assert m.value("sidecar_outbound_requests_total", upstream="orders", status_code="200") == 30
         assert m.value("sidecar_outbound_retries_total", upstream="orders") >= 1
+
+        # Config-change notifications: the banner's directory changed, the app is told once.
+        config_dir = re.search(r"echo hi > (\S+)/greeting", text).group(1)
+        (Path(config_dir) / "greeting").write_text("hi from the test\n")
+        told = lambda: http_request(APP, "/-/reload").body.decode()  # noqa: E731
+        wait_until(lambda: told().startswith("told of 1 config change"), 10, what="the demo app told of the change")
+        assert "greeting" in told()
     finally:
         if p.poll() is None:
             p.send_signal(signal.SIGINT)
