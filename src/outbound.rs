@@ -34,6 +34,7 @@ use crate::net::Addr;
 use crate::proxy::body::RequestBody;
 use crate::proxy::body::Upstream as UpstreamBody;
 use crate::proxy::connect::PoolError;
+use crate::proxy::h1::Outgoing;
 use crate::proxy::headers::to_absolute_form;
 use crate::proxy::pool::{EndpointKey, H1Conn, Pool, Proto};
 use crate::tls::client::ClientTls;
@@ -256,7 +257,6 @@ impl Upstream {
                 (None, Some(b)) => b,
                 (None, None) => unreachable!("a streamed body is sent once"),
             };
-            let req = Request::from_parts(clone_parts(&parts), body);
             let preferred = match sticky.take() {
                 Some(c) if c.is_to(&member.h1) => Some(c),
                 Some(c) => {
@@ -265,7 +265,7 @@ impl Upstream {
                 }
                 None => None,
             };
-            let (outcome, ended) = self.try_once(&member, req, preferred, now).await;
+            let (outcome, ended) = self.try_once(&member, &parts, body, preferred, now).await;
             let can_retry = attempt < cfg.retry.attempts && replay.is_some();
             let verdict = self.judge(&outcome, retryable_request);
             self.record(&member, verdict.failure, ended);
@@ -346,12 +346,13 @@ impl Upstream {
     async fn try_once(
         &self,
         member: &Arc<Member>,
-        req: Request<RequestBody>,
+        head: &http::request::Parts,
+        body: RequestBody,
         preferred: Option<H1Conn>,
         started: Instant,
     ) -> (Result<Response<UpstreamBody>, CallError>, Instant) {
         let _in_flight = member.start();
-        let send = self.send(member, req, preferred);
+        let send = self.send(member, head, body, preferred);
         let result = match self.config.per_try_timeout {
             Some(t) => match tokio::time::timeout(t, send).await {
                 Ok(r) => r,
@@ -381,11 +382,13 @@ impl Upstream {
 
     /// One try on `member`, in the protocol `upstream.http` asks for: HTTP/1.1 on a pooled
     /// connection, or a stream on the endpoint's shared HTTP/2 connection (`auto`: what a
-    /// PING or, over TLS, ALPN found the endpoint speaks).
+    /// PING or, over TLS, ALPN found the endpoint speaks). `head` is the call's, borrowed:
+    /// HTTP/1.1 encodes straight from it; HTTP/2 takes a copy it can rewrite.
     async fn send(
         &self,
         member: &Member,
-        req: Request<RequestBody>,
+        head: &http::request::Parts,
+        body: RequestBody,
         preferred: Option<H1Conn>,
     ) -> Result<Response<UpstreamBody>, PoolError> {
         let timeout = self.config.connect_timeout;
@@ -396,10 +399,11 @@ impl Upstream {
         };
         if !h2 {
             // (An HTTP/2 try leaves `preferred` to be dropped: it goes back to its pool.)
-            return member.h1.send_h1(req, preferred, timeout).await.map(|r| r.map(UpstreamBody::H1));
+            let out = Outgoing::from_head(head, body);
+            return member.h1.send_encoded(out, preferred, timeout).await.map(|r| r.map(UpstreamBody::H1));
         }
         let scheme = if self.tls.is_some() { Scheme::HTTPS } else { Scheme::HTTP };
-        let (mut parts, body) = req.into_parts();
+        let mut parts = clone_parts(head);
         to_absolute_form(&mut parts.uri, &mut parts.headers, &Addr::Tcp(member.addr), scheme);
         parts.version = http::Version::HTTP_2;
         member.h2.send_h2(Request::from_parts(parts, body), timeout).await.map(|r| r.map(UpstreamBody::Hyper))

@@ -8,8 +8,8 @@
 //! as its average decays. Not responsible for the endpoint set (`discovery`) or for retries.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::config::{Balance, OutlierConfig};
@@ -29,18 +29,18 @@ pub struct Member {
     pub h1: Arc<Endpoint>,
     pub h2: Arc<Endpoint>,
     outstanding: AtomicUsize,
-    ewma: Mutex<Ewma>,
+    /// The latency average in nanoseconds (an `f64`'s bits) and when it last moved (ns
+    /// since `born`). Two atomics rather than a lock: the pick reads two members' costs and
+    /// each try writes one, and a race between two threads only loses one sample's weight.
+    ewma_nanos: AtomicU64,
+    ewma_at: AtomicU64,
+    born: Instant,
     /// Failures in a row (connect failures, resets, 5xx); reset by a success.
     failures: AtomicU32,
     /// How many times it was ejected; each ejection lasts this many `base_ejection`s.
     ejections: AtomicU32,
     /// Milliseconds since the upstream's epoch until which it is (or was last) ejected.
     ejected_until: AtomicU64,
-}
-
-struct Ewma {
-    nanos: f64,
-    at: Instant,
 }
 
 /// What one try's outcome means for its endpoint.
@@ -57,7 +57,9 @@ impl Member {
             h1,
             h2,
             outstanding: AtomicUsize::new(0),
-            ewma: Mutex::new(Ewma { nanos: DEFAULT_RTT.as_nanos() as f64, at: Instant::now() }),
+            ewma_nanos: AtomicU64::new((DEFAULT_RTT.as_nanos() as f64).to_bits()),
+            ewma_at: AtomicU64::new(0),
+            born: Instant::now(),
             failures: AtomicU32::new(0),
             ejections: AtomicU32::new(0),
             ejected_until: AtomicU64::new(0),
@@ -70,16 +72,19 @@ impl Member {
 
     /// The latency estimate the balancer uses.
     pub fn ewma(&self) -> Duration {
-        Duration::from_nanos(self.ewma.lock().unwrap_or_else(|p| p.into_inner()).nanos as u64)
+        Duration::from_nanos(self.ewma_nanos() as u64)
     }
 
     pub fn is_ejected(&self, now_ms: u64) -> bool {
         self.ejected_until.load(Ordering::Relaxed) > now_ms
     }
 
+    fn ewma_nanos(&self) -> f64 {
+        f64::from_bits(self.ewma_nanos.load(Ordering::Relaxed))
+    }
+
     fn cost(&self) -> f64 {
-        let ewma = self.ewma.lock().unwrap_or_else(|p| p.into_inner()).nanos;
-        ewma * (self.outstanding() + 1) as f64
+        self.ewma_nanos() * (self.outstanding() + 1) as f64
     }
 
     /// Counts a try as outstanding until the guard is dropped.
@@ -90,15 +95,18 @@ impl Member {
 
     /// A response head arrived after `rtt`, at `now`: fold it into the average.
     pub fn observe_latency(&self, rtt: Duration, now: Instant) {
-        let mut e = self.ewma.lock().unwrap_or_else(|p| p.into_inner());
+        let current = self.ewma_nanos();
         let sample = rtt.as_nanos() as f64;
-        if sample > e.nanos {
-            e.nanos = sample;
+        let now = now.saturating_duration_since(self.born).as_nanos() as u64;
+        let at = self.ewma_at.fetch_max(now, Ordering::Relaxed);
+        let next = if sample > current {
+            sample
         } else {
-            let w = (-(now.saturating_duration_since(e.at).as_secs_f64()) / DECAY.as_secs_f64()).exp();
-            e.nanos = e.nanos * w + sample * (1.0 - w);
-        }
-        e.at = e.at.max(now);
+            let elapsed = now.saturating_sub(at) as f64 / 1e9;
+            let w = (-elapsed / DECAY.as_secs_f64()).exp();
+            current * w + sample * (1.0 - w)
+        };
+        self.ewma_nanos.store(next.to_bits(), Ordering::Relaxed);
     }
 
     /// Records an outcome; returns how long to eject the endpoint for when this failure is
@@ -184,13 +192,27 @@ impl Picker {
         now_ms: u64,
         avoid: Option<&Arc<Member>>,
     ) -> Option<Arc<Member>> {
-        let usable = |m: &&Arc<Member>| !m.is_ejected(now_ms);
-        let count = members.iter().filter(usable).count();
-        let eligible =
-            |m: &&Arc<Member>| usable(m) && (count < 2 || avoid.is_none_or(|a| !Arc::ptr_eq(a, m)));
-        let n = members.iter().filter(eligible).count();
-        let nth = |i: usize| members.iter().filter(eligible).nth(i).cloned();
-        match n {
+        // One pass for what the choice needs: how many can take the try, and whether the one
+        // to avoid is among them (it is avoided only when another one is left).
+        let (mut usable, mut avoid_usable) = (0, false);
+        for m in members.iter().filter(|m| !m.is_ejected(now_ms)) {
+            usable += 1;
+            avoid_usable |= avoid.is_some_and(|a| Arc::ptr_eq(a, m));
+        }
+        let skip_avoided = avoid_usable && usable >= 2;
+        let n = usable - usize::from(skip_avoided);
+        // Every member eligible (nothing ejected, nothing avoided: nearly every pick): index
+        // straight in; else the i-th eligible one.
+        let nth = |i: usize| {
+            if n == members.len() {
+                return members.get(i);
+            }
+            let eligible = |m: &&Arc<Member>| {
+                !m.is_ejected(now_ms) && !(skip_avoided && avoid.is_some_and(|a| Arc::ptr_eq(a, m)))
+            };
+            members.iter().filter(eligible).nth(i)
+        };
+        let chosen = match n {
             0 => None,
             1 => nth(0),
             _ => match how {
@@ -204,7 +226,8 @@ impl Picker {
                     Some(if a.cost() <= b.cost() { a } else { b })
                 }
             },
-        }
+        };
+        chosen.cloned()
     }
 }
 

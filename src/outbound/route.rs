@@ -52,23 +52,39 @@ impl Routes {
         if let Some(all) = &self.all {
             return Ok(all);
         }
-        let host = request_host(parts).unwrap_or_default().to_ascii_lowercase();
-        self.by_host.get(&host).ok_or(host)
+        let host = request_host(parts).unwrap_or_default();
+        // Names are kept lower-case; most requests already are, and need no copy to look up.
+        let found = if host.bytes().any(|b| b.is_ascii_uppercase()) {
+            self.by_host.get(&host.to_ascii_lowercase())
+        } else {
+            self.by_host.get(host)
+        };
+        found.ok_or_else(|| host.to_ascii_lowercase())
     }
 }
 
-/// The request's host as sent, without port or IPv6 brackets; not allocated (it is read on
-/// every outbound request).
+/// The request's host as sent, without port, user info or IPv6 brackets; not allocated (it
+/// is read on every outbound request, so it works on bytes rather than `str` searches).
 fn request_host(parts: &http::request::Parts) -> Option<&str> {
     let authority = match parts.uri.authority() {
-        Some(a) => a.as_str(),
-        None => parts.headers.get(header::HOST)?.to_str().ok()?,
+        Some(a) => a.as_str().as_bytes(),
+        None => parts.headers.get(header::HOST)?.as_bytes(),
     };
-    let host = match authority.strip_prefix('[') {
-        Some(v6) => v6.split(']').next()?,
-        None => authority.rsplit_once(':').map_or(authority, |(h, _)| h),
+    let authority = match memchr::memrchr(b'@', authority) {
+        Some(at) => &authority[at + 1..],
+        None => authority,
     };
-    Some(host.rsplit_once('@').map_or(host, |(_, h)| h))
+    let host = match authority.strip_prefix(b"[") {
+        Some(v6) => &v6[..memchr::memchr(b']', v6)?],
+        None => memchr::memrchr(b':', authority).map_or(authority, |colon| &authority[..colon]),
+    };
+    std::str::from_utf8(host).ok()
+}
+
+/// Whether `host` names this machine: `localhost` or a loopback address.
+fn is_local(host: &str) -> bool {
+    host.eq_ignore_ascii_case("localhost")
+        || host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
 }
 
 /// The target for the upstream's HTTP/1.1: origin-form, with `Host` the absolute-form
@@ -78,9 +94,7 @@ pub fn rewrite_target(parts: &mut http::request::Parts, up: &Upstream) {
     if let Some(a) = parts.uri.authority().and_then(|a| HeaderValue::from_str(a.as_str()).ok()) {
         parts.headers.insert(header::HOST, a);
     }
-    let local = request_host(parts)
-        .is_none_or(|h| h == "localhost" || h.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback()));
-    if local {
+    if request_host(parts).is_none_or(is_local) {
         parts.headers.insert(header::HOST, up.authority().clone());
     }
     if parts.uri.scheme().is_some() || parts.uri.authority().is_some() {
@@ -88,4 +102,30 @@ pub fn rewrite_target(parts: &mut http::request::Parts, up: &Upstream) {
         parts.uri = pq.parse().unwrap_or_else(|_| Uri::from_static("/"));
     }
     parts.version = Version::HTTP_11;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn host_of(target: &str, host: Option<&str>) -> Option<String> {
+        let mut req = http::Request::builder().uri(target);
+        if let Some(h) = host {
+            req = req.header(header::HOST, h);
+        }
+        let (parts, ()) = req.body(()).unwrap().into_parts();
+        request_host(&parts).map(str::to_owned)
+    }
+
+    #[test]
+    fn the_host_is_found_without_port_user_info_or_brackets() {
+        assert_eq!(host_of("/", Some("orders:8080")).as_deref(), Some("orders"));
+        assert_eq!(host_of("/", Some("Orders")).as_deref(), Some("Orders"));
+        assert_eq!(host_of("/", Some("[::1]:15001")).as_deref(), Some("::1"));
+        assert_eq!(host_of("http://user:pw@orders:80/x", Some("other")).as_deref(), Some("orders"));
+        assert_eq!(host_of("http://[fe80::1]/", None).as_deref(), Some("fe80::1"));
+        assert_eq!(host_of("/", None), None);
+        assert!(is_local("127.0.0.1") && is_local("::1") && is_local("LocalHost"));
+        assert!(!is_local("orders") && !is_local("10.0.0.1") && !is_local("127.example"));
+    }
 }

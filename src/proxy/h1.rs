@@ -75,6 +75,13 @@ pub struct Outgoing {
 impl Outgoing {
     pub fn new(req: Request<RequestBody>) -> Self {
         let (parts, body) = req.into_parts();
+        Self::from_head(&parts, body)
+    }
+
+    /// The request from a borrowed head: an outbound call keeps its head for a retry and
+    /// encodes each try from it, rather than cloning the head (a `HeaderMap` and its
+    /// allocation) for every try and moving the copy down through the try's futures.
+    pub fn from_head(parts: &http::request::Parts, body: RequestBody) -> Self {
         let empty = body.is_end_stream();
         let mut buf = BytesMut::new();
         let chunked = head::encode_request(&parts.method, &parts.uri, &parts.headers, empty, &mut buf);

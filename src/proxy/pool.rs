@@ -213,10 +213,19 @@ impl Endpoint {
     pub async fn send_h1(
         self: &Arc<Self>,
         req: Request<RequestBody>,
+        preferred: Option<H1Conn>,
+        connect_timeout: Duration,
+    ) -> Result<Response<h1::Body>, PoolError> {
+        self.send_encoded(Outgoing::new(req), preferred, connect_timeout).await
+    }
+
+    /// `send_h1` for a request already encoded (outbound: from the head its call keeps).
+    pub async fn send_encoded(
+        self: &Arc<Self>,
+        mut out: Outgoing,
         mut preferred: Option<H1Conn>,
         connect_timeout: Duration,
     ) -> Result<Response<h1::Body>, PoolError> {
-        let mut out = Outgoing::new(req);
         loop {
             let ready = match preferred.take() {
                 Some(c) if c.is_usable() => Some(c),
