@@ -207,9 +207,8 @@ impl Picker {
             if n == members.len() {
                 return members.get(i);
             }
-            let eligible = |m: &&Arc<Member>| {
-                !m.is_ejected(now_ms) && !(skip_avoided && avoid.is_some_and(|a| Arc::ptr_eq(a, m)))
-            };
+            let avoided = |m: &Arc<Member>| skip_avoided && avoid.is_some_and(|a| Arc::ptr_eq(a, m));
+            let eligible = |m: &&Arc<Member>| !m.is_ejected(now_ms) && !avoided(m);
             members.iter().filter(eligible).nth(i)
         };
         let chosen = match n {
