@@ -70,13 +70,16 @@ fn request_host(parts: &http::request::Parts) -> Option<&str> {
         Some(a) => a.as_str().as_bytes(),
         None => parts.headers.get(header::HOST)?.as_bytes(),
     };
-    let authority = match memchr::memrchr(b'@', authority) {
-        Some(at) => &authority[at + 1..],
-        None => authority,
-    };
+    // What `HeaderValue::to_str` accepts (visible ASCII, space, tab): else no host.
+    if !authority.iter().all(|&b| (b' '..0x7f).contains(&b) || b == b'\t') {
+        return None;
+    }
+    // A few bytes each: plain scans beat `memchr`'s set-up here (callgrind).
+    let after = |b: u8, s: &[u8]| s.iter().rposition(|&c| c == b).map(|i| i + 1);
+    let authority = &authority[after(b'@', authority).unwrap_or(0)..];
     let host = match authority.strip_prefix(b"[") {
-        Some(v6) => &v6[..memchr::memchr(b']', v6)?],
-        None => memchr::memrchr(b':', authority).map_or(authority, |colon| &authority[..colon]),
+        Some(v6) => &v6[..v6.iter().position(|&c| c == b']')?],
+        None => after(b':', authority).map_or(authority, |end| &authority[..end - 1]),
     };
     std::str::from_utf8(host).ok()
 }
