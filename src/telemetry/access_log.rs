@@ -180,22 +180,29 @@ fn register(registry: &mut Registry) -> (Counter, Counter) {
 fn write_loop<W: Write>(mut rx: mpsc::Receiver<AccessRecord>, mut writer: Writer<W>) {
     let mut pace = Pace::default();
     loop {
-        match rx.try_recv() {
-            Ok(first) => {
-                pace.busy();
-                writer.push(&first);
-                // Everything already queued, up to a batch, goes in one write.
-                while writer.batch.len() < BATCH
-                    && let Ok(rec) = rx.try_recv()
-                {
-                    writer.push(&rec);
-                }
-                writer.write_batch();
+        let first = match rx.try_recv() {
+            Ok(first) => first,
+            // Quiet for a while: sleep until a record comes (see `telemetry::pace`).
+            Err(TryRecvError::Empty) if pace.is_idle() => match rx.blocking_recv() {
+                Some(first) => first,
+                None => return,
+            },
+            // Never blocked on the channel while records flow: see `telemetry::pace`.
+            Err(TryRecvError::Empty) => {
+                std::thread::sleep(pace.tick());
+                continue;
             }
-            // Never blocked on the channel: see `telemetry::pace`.
-            Err(TryRecvError::Empty) => std::thread::sleep(pace.tick()),
             Err(TryRecvError::Disconnected) => return,
+        };
+        pace.busy();
+        writer.push(&first);
+        // Everything already queued, up to a batch, goes in one write.
+        while writer.batch.len() < BATCH
+            && let Ok(rec) = rx.try_recv()
+        {
+            writer.push(&rec);
         }
+        writer.write_batch();
     }
 }
 

@@ -6,15 +6,18 @@
 //! 12: tracing and access logs on took small GETs from 41–52k to 21k req/s). So these
 //! threads never block on the queue: they drain what is there, then sleep a tick, and the
 //! request path's `try_send` never has a sleeper to wake.
+//!
+//! Once nothing has come for a second, though, the thread blocks on its queue: an idle
+//! sidecar's telemetry threads then sleep until there is work (a pod's sidecar idles far more
+//! than it runs), and only the first record after a quiet spell wakes one. The records after
+//! it find the thread ticking again.
 
 use std::time::{Duration, Instant};
 
 /// Between looks while records came in the last second: the queues hold 2,048 to 16,384
 /// records, which at 100k req/s is more than 20 ms.
-const BUSY_TICK: Duration = Duration::from_millis(10);
-/// Between looks when nothing came for a second: an idle sidecar wakes this thread ten
-/// times a second, and the first record after a quiet spell waits at most this long.
-const IDLE_TICK: Duration = Duration::from_millis(100);
+const TICK: Duration = Duration::from_millis(10);
+/// Quiet for this long, the thread blocks on its queue instead of ticking.
 const IDLE_AFTER: Duration = Duration::from_secs(1);
 
 pub struct Pace {
@@ -33,8 +36,13 @@ impl Pace {
         self.last_record = Instant::now();
     }
 
-    /// How long to sleep before looking at an empty queue again.
+    /// How long to sleep before looking at an empty queue again, while not idle.
     pub fn tick(&self) -> Duration {
-        if self.last_record.elapsed() < IDLE_AFTER { BUSY_TICK } else { IDLE_TICK }
+        TICK
+    }
+
+    /// Nothing came for a while: block on the queue rather than tick.
+    pub fn is_idle(&self) -> bool {
+        self.last_record.elapsed() >= IDLE_AFTER
     }
 }

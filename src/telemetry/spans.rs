@@ -75,7 +75,7 @@ pub struct Tracer {
 
 struct Inner {
     sampler: Sampler,
-    tx: SyncSender<SpanRecord>,
+    tx: SyncSender<Queued>,
     queue_full: Counter,
     /// Set by `shutdown`: the exporter sends what is queued and stops.
     closing: Arc<AtomicBool>,
@@ -91,6 +91,13 @@ pub enum TracingError {
     Header(String),
     #[error("telemetry.tracing: starting the exporter thread: {0}")]
     Thread(std::io::Error),
+}
+
+/// What the exporter thread's queue carries.
+enum Queued {
+    Span(SpanRecord),
+    /// Sent by `shutdown` after it sets `closing`, to wake a thread blocked on a quiet queue.
+    Close,
 }
 
 /// The exporter thread's counters.
@@ -177,7 +184,7 @@ impl Tracer {
     /// Queues a sampled span for export, or drops and counts it.
     pub fn record(&self, span: SpanRecord) {
         let Some(inner) = &self.inner else { return };
-        match inner.tx.try_send(span) {
+        match inner.tx.try_send(Queued::Span(span)) {
             Ok(()) => {}
             // Disconnected: the exporter has stopped (shutdown): nothing will send it.
             Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => {
@@ -190,6 +197,8 @@ impl Tracer {
     pub fn shutdown(&self, within: Duration) {
         let Some(inner) = &self.inner else { return };
         inner.closing.store(true, Ordering::Release);
+        // Full: the thread is busy, not blocked, and sees `closing` on its next turn.
+        let _ = inner.tx.try_send(Queued::Close);
         if let Ok(done) = inner.done.lock()
             && done.recv_timeout(within).is_err()
         {
@@ -251,7 +260,7 @@ fn percent_decode(v: &str) -> String {
 
 /// The exporter thread: batches records and sends them, one export at a time.
 struct Batcher {
-    rx: Receiver<SpanRecord>,
+    rx: Receiver<Queued>,
     endpoint: http::Uri,
     /// Sent with every export (tokens: marked sensitive).
     headers: HeaderMap,
@@ -284,12 +293,22 @@ impl Batcher {
         let mut pace = Pace::default();
         loop {
             let closing = self.closing.load(Ordering::Acquire);
-            match self.rx.try_recv() {
-                Ok(r) => {
+            let next = match self.rx.try_recv() {
+                // Quiet for a while with nothing to send: sleep until a span or the close
+                // comes (see `telemetry::pace`).
+                Err(TryRecvError::Empty) if !closing && first.is_none() && pace.is_idle() => {
+                    self.rx.recv().map_err(|_| TryRecvError::Disconnected)
+                }
+                other => other,
+            };
+            match next {
+                Ok(Queued::Span(r)) => {
                     pace.busy();
                     first.get_or_insert_with(Instant::now);
                     push(&mut batch, r);
                 }
+                // `closing` is set: the next turn sees it.
+                Ok(Queued::Close) => {}
                 // Never blocked on the channel: see `telemetry::pace`.
                 Err(TryRecvError::Empty) if !closing => {
                     let wait = first.map_or(pace.tick(), |t| self.batch_timeout.saturating_sub(t.elapsed()));
