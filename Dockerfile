@@ -1,7 +1,10 @@
-# Sidecar's image: one statically linked binary and nothing else (no shell, no libc, no CA
-# bundle). Built by scripts/build-image, which compiles the binary (glibc, crt-static), strips
-# it and runs `docker build` on a context directory holding only this file and the binary:
-# there is no registry to pull a build stage from, and target/ is gigabytes.
+# Sidecar's image: one statically linked binary and the CA bundle, nothing else (no shell, no
+# libc). The bundle (Mozilla's roots as Debian's ca-certificates ships them, at the path
+# rustls-native-certs looks in) lets outbound TLS verify public servers when `upstream.tls.ca`
+# is not set. Built by scripts/build-image, which compiles the binary (glibc, crt-static),
+# strips it and runs `docker build` on a context directory holding only this file and the
+# image's root filesystem: there is no registry to pull a build stage from, and target/ is
+# gigabytes.
 FROM scratch
 
 ARG VERSION=dev
@@ -10,7 +13,8 @@ LABEL org.opencontainers.image.title="sidecar" \
       org.opencontainers.image.version="${VERSION}" \
       org.opencontainers.image.licenses="Apache-2.0"
 
-COPY sidecar /sidecar
+# One COPY, one layer: /sidecar and /etc/ssl/certs/ca-certificates.crt.
+COPY rootfs/ /
 
 # The distroless "nonroot" IDs: no file in the image belongs to them, and Pod Security's
 # "restricted" profile asks for a non-zero UID the image can name without an /etc/passwd.

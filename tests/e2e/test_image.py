@@ -108,6 +108,24 @@ def test_image_is_one_static_binary_from_scratch_and_runs_non_root_read_only(ima
     assert p.returncode == 1 and "/etc/sidecar/config/sidecar.yaml" in p.stderr, (p.returncode, p.stderr)
 
 
+def test_image_carries_the_ca_bundle_for_outbound_tls_without_a_ca(image, tmp_path):
+    """Outbound TLS without `upstream.tls.ca` verifies against the system roots: the image
+    carries Debian's bundle (Mozilla's roots) where rustls-native-certs looks, so `check`,
+    which loads them as `run` does, accepts the config instead of asking for `ca`."""
+    conf = tmp_path / "config"
+    conf.mkdir()
+    conf.chmod(0o755)
+    path = conf / "sidecar.yaml"
+    path.write_text("outbound:\n"
+                    "  - name: public\n"
+                    "    listen: 127.0.0.1:9001\n"
+                    "    upstream: { endpoints: [\"api.example.com:443\"], tls: { server_name: api.example.com } }\n")
+    path.chmod(0o644)
+    p = docker("run", "--rm", "--read-only", "--network", "none", "-v", f"{conf}:/etc/sidecar/config:ro", image,
+               "check", "-c", "/etc/sidecar/config/sidecar.yaml", check=False)
+    assert p.returncode == 0, (p.returncode, p.stdout, p.stderr)
+
+
 # ------------------------------------------------------------------------------------------------
 # a pod
 # ------------------------------------------------------------------------------------------------
