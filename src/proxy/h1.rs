@@ -242,12 +242,12 @@ impl H1Conn {
         tokio_util::io::poll_read_buf(Pin::new(&mut self.io), cx, &mut limited)
     }
 
-    /// Into its endpoint's idle queue, for any request to take.
     /// Whether the connection is to `endpoint` (outbound: the endpoint a try picked).
     pub fn is_to(&self, endpoint: &Arc<Endpoint>) -> bool {
         Arc::ptr_eq(&self.endpoint, endpoint)
     }
 
+    /// Into its endpoint's idle queue, for any request to take.
     pub fn return_to_pool(self) {
         let endpoint = self.endpoint.clone();
         endpoint.put_idle(self);
