@@ -94,6 +94,8 @@ pub enum TracingError {
 }
 
 /// What the exporter thread's queue carries.
+// A span is sent by value: boxing it to shrink the rare `Close` would allocate per request.
+#[allow(clippy::large_enum_variant)]
 enum Queued {
     Span(SpanRecord),
     /// Sent by `shutdown` after it sets `closing`, to wake a thread blocked on a quiet queue.
