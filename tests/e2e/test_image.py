@@ -176,7 +176,7 @@ logship:
   checkpoint_dir: /var/lib/sidecar
   scan_interval: 200ms
   sources:
-    - {{ name: app, paths: ["/var/log/app/*.log"], format: json, fields: {{ pod: {self.id} }} }}
+    - {{ name: app, paths: ["/var/log/app/*.log"], format: json, fields: {{ pod: "{self.id}" }} }}
   sinks:
     - {{ name: receiver, type: http, endpoint: "{net.receiver.url}", batch: {{ timeout: 200ms }} }}
 telemetry: {{ log_level: info }}
