@@ -75,11 +75,11 @@ fn request_host(parts: &http::request::Parts) -> Option<&str> {
         return None;
     }
     // A few bytes each: plain scans beat `memchr`'s set-up here (callgrind).
-    let after = |b: u8, s: &[u8]| s.iter().rposition(|&c| c == b).map(|i| i + 1);
-    let authority = &authority[after(b'@', authority).unwrap_or(0)..];
+    let last = |b: u8, s: &[u8]| s.iter().rposition(|&c| c == b);
+    let authority = last(b'@', authority).map_or(authority, |at| &authority[at + 1..]);
     let host = match authority.strip_prefix(b"[") {
         Some(v6) => &v6[..v6.iter().position(|&c| c == b']')?],
-        None => after(b':', authority).map_or(authority, |end| &authority[..end - 1]),
+        None => last(b':', authority).map_or(authority, |colon| &authority[..colon]),
     };
     std::str::from_utf8(host).ok()
 }

@@ -22,7 +22,7 @@ use prometheus_client::registry::Registry;
 use tokio::sync::mpsc;
 use tokio::sync::mpsc::error::{TryRecvError, TrySendError};
 
-use super::pace::Pace;
+use super::pace::{Pace, TICK};
 
 use crate::config::{AccessLogConfig, AccessLogPath, LogFormat};
 
@@ -189,7 +189,7 @@ fn write_loop<W: Write>(mut rx: mpsc::Receiver<AccessRecord>, mut writer: Writer
             },
             // Never blocked on the channel while records flow: see `telemetry::pace`.
             Err(TryRecvError::Empty) => {
-                std::thread::sleep(pace.tick());
+                std::thread::sleep(TICK);
                 continue;
             }
             Err(TryRecvError::Disconnected) => return,

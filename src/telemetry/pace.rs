@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 /// Between looks while records came in the last second: the queues hold 2,048 to 16,384
 /// records, which at 100k req/s is more than 20 ms.
-const TICK: Duration = Duration::from_millis(10);
+pub const TICK: Duration = Duration::from_millis(10);
 /// Quiet for this long, the thread blocks on its queue instead of ticking.
 const IDLE_AFTER: Duration = Duration::from_secs(1);
 
@@ -34,11 +34,6 @@ impl Pace {
     /// Records were taken from the queue.
     pub fn busy(&mut self) {
         self.last_record = Instant::now();
-    }
-
-    /// How long to sleep before looking at an empty queue again, while not idle.
-    pub fn tick(&self) -> Duration {
-        TICK
     }
 
     /// Nothing came for a while: block on the queue rather than tick.

@@ -33,7 +33,7 @@ use prost::Message;
 use super::access_log::AccessRecord;
 use super::context::{Incoming, Sampler, SpanContext};
 use super::otlp::{self, Attr, SpanFields};
-use super::pace::Pace;
+use super::pace::{Pace, TICK};
 use crate::config::TracingConfig;
 
 /// The pod's identity from the downward API, as Kubernetes manifests usually name it, and
@@ -311,11 +311,11 @@ impl Batcher {
                 }
                 // `closing` is set: the next turn sees it.
                 Ok(Queued::Close) => {}
-                // Never blocked on the channel: see `telemetry::pace`.
+                // Spans are flowing: never blocked on the channel (see `telemetry::pace`).
                 Err(TryRecvError::Empty) if !closing => {
-                    let wait = first.map_or(pace.tick(), |t| self.batch_timeout.saturating_sub(t.elapsed()));
+                    let wait = first.map_or(TICK, |t| self.batch_timeout.saturating_sub(t.elapsed()));
                     if !wait.is_zero() {
-                        std::thread::sleep(wait.min(pace.tick()));
+                        std::thread::sleep(wait.min(TICK));
                     }
                 }
                 // Closing and nothing queued, or every sender gone: send the rest and stop.
